@@ -1,0 +1,35 @@
+# Two entry points (see README): `make quickstart` and `make test`. Each sets up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU build of torch on CPU-only machines (pip takes it from the registry or a local wheel cache);
+# on a CUDA machine install the matching torch first and this pin is satisfied or adjusted by you.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup quickstart test test-setup lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[all]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: setup
+	HF_HUB_OFFLINE=1 $(BIN)/sparse-peft quickstart
+
+test-setup: setup
+	$(BIN)/python -m tests.peft_upstream --fetch
+
+test: test-setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .cache quickstart-out

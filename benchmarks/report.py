@@ -1,0 +1,285 @@
+"""Render ``docs/benchmarks.md`` from a JSON results file, and judge issue 2's targets from the figures.
+
+``python -m benchmarks.report docs/benchmarks.json [--out docs/benchmarks.md]``. Every figure in the markdown
+comes from the JSON; nothing is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MIB = 2**20
+OURS = ("sparse_delta_fused", "sparse_delta_separate")
+
+# issue 2, item 5
+PEAK_VS_LORA = 1.10
+PEAK_VS_SHIRA = 0.70
+TIME_VS_LORA = 1.30
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target for one method: ``value <= limit``."""
+
+    target: str
+    method: str
+    value: float
+    limit: float
+    shown: str  # the value as the reader sees it, e.g. "0.93x LoRA"
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.limit
+
+
+def by_method(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The run's successful records, keyed by method name."""
+    return {r["method"]: r for r in run["results"] if "error" not in r}
+
+
+def memory_contract(
+    run: dict[str, Any],
+    tolerance: float = PEAK_VS_LORA - 1,
+    slack_bytes: int = 0,
+    methods: Sequence[str] = OURS,
+) -> list[Check]:
+    """Our adapters' extra step memory vs LoRA's: ``extra <= (1 + tolerance) * lora_extra + slack_bytes``."""
+    recs = by_method(run)
+    lora = recs["lora"]["extra_bytes"]
+    limit = (1 + tolerance) * lora + slack_bytes
+    return [
+        Check(
+            f"step extra memory <= LoRA's x{1 + tolerance:.2f} + {slack_bytes / MIB:.0f} MiB",
+            m,
+            recs[m]["extra_bytes"],
+            limit,
+            f"{recs[m]['extra_bytes'] / MIB:.1f} MiB (limit {limit / MIB:.1f} MiB)",
+        )
+        for m in methods
+    ]
+
+
+MEMORY_READINGS = (
+    ("peak_bytes", "peak memory (whole process)"),
+    ("model_and_step_bytes", "peak memory above the libraries (model + step)"),
+    ("extra_bytes", "step's extra memory"),
+)
+
+
+def target_checks(run: dict[str, Any], methods: Sequence[str] = OURS) -> list[Check]:
+    """Issue 2's targets for each of ``methods`` present in ``run`` (needs LoRA and shira in it too).
+
+    The memory targets are judged on each reading of "peak memory" in :data:`MEMORY_READINGS`.
+    """
+    recs = by_method(run)
+    lora, shira = recs.get("lora"), recs.get("shira")
+    checks: list[Check] = []
+    for m in methods:
+        ours = recs.get(m)
+        if ours is None:
+            continue
+        for key, what in MEMORY_READINGS:
+            if lora is not None:
+                ratio = ours[key] / lora[key]
+                checks.append(Check(f"{what} <= LoRA's + 10%", m, ratio, PEAK_VS_LORA, f"{ratio:.2f}x LoRA"))
+            if shira is not None:
+                ratio = ours[key] / shira[key]
+                checks.append(
+                    Check(f"{what} <= 70% of shira's", m, ratio, PEAK_VS_SHIRA, f"{ratio:.2f}x shira")
+                )
+        if lora is not None:
+            ratio = ours["median_step_s"] / lora["median_step_s"]
+            checks.append(
+                Check("median step time <= 1.3x LoRA's", m, ratio, TIME_VS_LORA, f"{ratio:.2f}x LoRA")
+            )
+    return checks
+
+
+def one_line(record: dict[str, Any]) -> str:
+    """A console summary of one record."""
+    if "error" in record:
+        return f"FAILED: {record['error'].strip().splitlines()[-1]}"
+    return (
+        f"trainable {record['trainable_params']:,}  peak {record['peak_bytes'] / MIB:,.1f} MiB  "
+        f"extra {record['extra_bytes'] / MIB:,.1f} MiB  median step {record['median_step_s'] * 1e3:,.1f} ms"
+    )
+
+
+def _ratio(value: float, ref: float | None) -> str:
+    return "" if not ref else f"{value / ref:.2f}"
+
+
+def _table(run: dict[str, Any]) -> list[str]:
+    recs = by_method(run)
+    lora = recs.get("lora") or {}
+    lines = [
+        "| method | trainable params | peak memory, process (MiB) | model + step (MiB) | / LoRA "
+        "| step's extra (MiB) | / LoRA | median step (ms) | / LoRA | timed steps min-max (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in run["results"]:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error'].strip().splitlines()[-1]} ||||||||")
+            continue
+        times = r["step_times_s"]
+        lines.append(
+            f"| {r['label']} | {r['trainable_params']:,} | {r['peak_bytes'] / MIB:,.1f} "
+            f"| {r['model_and_step_bytes'] / MIB:,.1f} "
+            f"| {_ratio(r['model_and_step_bytes'], lora.get('model_and_step_bytes'))} "
+            f"| {r['extra_bytes'] / MIB:,.1f} | {_ratio(r['extra_bytes'], lora.get('extra_bytes'))} "
+            f"| {r['median_step_s'] * 1e3:,.0f} | {_ratio(r['median_step_s'], lora.get('median_step_s'))} "
+            f"| {min(times) * 1e3:,.0f}-{max(times) * 1e3:,.0f} |"
+        )
+    return lines
+
+
+def _targets(run: dict[str, Any], on_gpu: bool) -> list[str]:
+    checks = target_checks(run)
+    if not checks:
+        return ["Targets not judged: LoRA, shira or our adapters are missing from this run."]
+    rows: dict[str, dict[str, Check]] = {}
+    for c in checks:
+        rows.setdefault(c.target, {})[c.method] = c
+    present = [m for m in OURS if any(m in row for row in rows.values())]
+    labels = {r["method"]: r["label"] for r in run["results"]}
+    reference = {c.target: c for c in target_checks(run, ["lora"])}
+    lines = [
+        "| target | " + " | ".join(labels[m] for m in present) + " | reference: PEFT LoRA itself |",
+        "|---|" + "---|" * (len(present) + 1),
+    ]
+    for target, row in rows.items():
+        note = " (stated for CPU)" if on_gpu and "time" in target else ""
+        cells = [
+            f"{row[m].shown}: **{'met' if row[m].met else 'MISSED'}**" if m in row else "not measured"
+            for m in present
+        ]
+        cells.append(reference[target].shown if target in reference else "")
+        lines.append(f"| {target}{note} | " + " | ".join(cells) + " |")
+    missed = [c for c in checks if not c.met]
+    lines.append("")
+    if not missed:
+        lines.append("**All targets met** by both modes, on every reading of peak memory.")
+        return lines
+    lines.append(
+        "**Missed:** " + "; ".join(f"{labels[c.method]}: {c.target} ({c.shown})" for c in missed) + "."
+    )
+    beyond = sorted({c.target for c in missed if c.target in reference and not reference[c.target].met})
+    if beyond:
+        lines += [
+            "",
+            "PEFT LoRA itself misses "
+            + "; ".join(f"{t} ({reference[t].shown})" for t in beyond)
+            + ": at this configuration no adapter that needs at least LoRA's memory can meet "
+            + ("that target." if len(beyond) == 1 else "those targets."),
+        ]
+    return lines
+
+
+def render(data: dict[str, Any]) -> str:
+    """The whole markdown document."""
+    meta, settings = data["meta"], data["settings"]
+    on_gpu = "gpu" in meta
+    device = (
+        f"{meta['gpu']} (host CPU: {meta['cpu']}, {meta['cpu_count']} cores)"
+        if on_gpu
+        else f"CPU: {meta['cpu']}, {meta['cpu_count']} cores"
+    )
+    threads = settings.get("threads") or meta["torch_threads"]
+    rounds = settings.get("rounds", 1)
+    memory_source = next(
+        (r["memory_source"] for run in data["runs"] for r in run["results"] if "memory_source" in r), "n/a"
+    )
+    load = ""
+    if "loadavg_start" in meta:
+        load = f"; 1-min load average {meta['loadavg_start'][0]:.1f} at the start"
+        if "loadavg_end" in meta:
+            load += f", {meta['loadavg_end'][0]:.1f} at the end"
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by benchmarks/report.py from the JSON results; do not edit by hand. -->",
+        "",
+        "One training step (forward + backward + AdamW step) of each fine-tuning method, every method in its own "
+        "process, side by side in one run. Ratios are to PEFT's LoRA at the same trainable-parameter count.",
+        "",
+        "## Setup",
+        "",
+        f"- Command: `{meta['command']}` ({'quick CI configuration' if meta.get('quick') else 'full run'}, "
+        f"{meta.get('wall_s', 0) / 60:.1f} min)",
+        f"- Date: {meta['date']}; code: {meta.get('commit', 'unknown')}",
+        f"- Device: {device}; torch threads per process: {threads}{load}",
+        f"- Software: Python {meta['python']}, torch {meta['torch']}, peft {meta['peft']}, "
+        f"transformers {meta['transformers']}",
+        f"- Step: `zero_grad`, forward with labels (causal-LM loss), backward, AdamW step (lr {settings['lr']}). "
+        + (
+            f"Each method runs in {rounds} fresh processes (methods in rotating order between rounds); in each, "
+            if rounds > 1
+            else "Each method runs in a fresh process; in it, "
+        )
+        + f"{max(2, settings['warmup'])} warm-up steps measure memory, then {settings['steps']} steps are timed. "
+        "The median over all timed steps is reported, with their min-max; memory is the median over the processes.",
+        f"- Adapters: r={settings['r']} on every linear layer of every block (q, k, v, o, gate, up, down). LoRA: "
+        "`LoraConfig(r, lora_alpha=r, lora_dropout=0)`; shira: `ShiraConfig(r)` (random mask, "
+        "r*(in+out) entries per matrix); ours: `SparseDeltaConfig(r=r, fused=True/False)` (same entry count).",
+        f"- Memory: {memory_source}, with glibc's mmap threshold fixed at 128 KiB during the warm-up steps so "
+        "RSS follows live memory (timed steps run with a 32 MiB threshold, glibc's usual steady state). "
+        "*Peak memory, process* is the peak during the steps, everything in the "
+        "process included (interpreter, libraries, model). *Model + step* is that peak minus the process's memory "
+        "before the model was built (the CPU counterpart of `torch.cuda.max_memory_allocated`). *Step's extra* is "
+        "the peak minus the memory just before the first step, with model, adapter, optimizer and batch built: "
+        "gradients, optimizer state, activations and any weight copies. The memory targets are judged on all "
+        "three.",
+        "",
+    ]
+    for run in data["runs"]:
+        recs = by_method(run)
+        total = next((r["total_params"] for r in recs.values()), 0)
+        lines += [
+            f"## Model `{run['spec']['name']}`: {total / 1e6:.1f}M parameters",
+            "",
+            run["description"],
+            "",
+            *_table(run),
+            "",
+            "### Targets (issue 2, item 5)",
+            "",
+            *_targets(run, on_gpu),
+            "",
+        ]
+    lines += [
+        "## Regenerate",
+        "",
+        f"`{meta['command']}` runs everything and rewrites this file; `python -m benchmarks.report <results.json> "
+        "--out <this file>` re-renders it from the JSON alone. Step times on a shared machine are noisy: compare "
+        "ratios from one run, not absolute times across runs.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(data: dict[str, Any], out: str | Path) -> Path:
+    """Render ``data`` into the markdown file ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(data))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import json
+
+    parser = argparse.ArgumentParser(description="Render the benchmark markdown from a JSON results file.")
+    parser.add_argument("results", help="JSON written by python -m benchmarks")
+    parser.add_argument("--out", default="docs/benchmarks.md", help="markdown file to write")
+    args = parser.parse_args(argv)
+    write(json.loads(Path(args.results).read_text()), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

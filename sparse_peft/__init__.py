@@ -1,0 +1,36 @@
+"""sparse-peft: sparse parameter-efficient fine-tuning methods for Hugging Face PEFT.
+
+``import sparse_peft`` registers the new PEFT types (see :mod:`sparse_peft.registry`); afterwards
+``get_peft_model``, ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` accept them.
+"""
+
+from .registry import register_all as _register_all
+
+_register_all()
+
+from .compose import compose  # noqa: E402
+from .export import export_to_lora  # noqa: E402
+from .extraction import ExtractionReport, extract_sparse_delta  # noqa: E402
+from .masks import SparseMask  # noqa: E402
+from .proximal import apply_proximal_step  # noqa: E402
+from .selection import select_masks  # noqa: E402
+from .tuners.group_sparse_lora import GroupSparseLoraConfig  # noqa: E402
+from .tuners.sora import SoraConfig  # noqa: E402
+from .tuners.sparse_delta import SparseDeltaConfig, SparseDeltaLayer, SparseDeltaModel  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExtractionReport",
+    "SparseMask",
+    "compose",
+    "extract_sparse_delta",
+    "GroupSparseLoraConfig",
+    "SoraConfig",
+    "apply_proximal_step",
+    "export_to_lora",
+    "SparseDeltaConfig",
+    "SparseDeltaLayer",
+    "SparseDeltaModel",
+    "select_masks",
+]

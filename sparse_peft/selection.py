@@ -1,0 +1,170 @@
+"""Choosing which weight entries a sparse delta trains.
+
+``random`` and ``magnitude`` are decided when the adapter is created. ``gradient`` (largest accumulated
+``|dL/dW|``) and ``snip`` (largest ``|W * dL/dW|``) need data: :func:`select_masks` runs a few calibration
+batches and re-selects every such adapter. The dense gradient of a layer is formed from the layer's input and
+output gradient inside a hook, folded into that layer's score and freed at once; scores are kept only for
+``layers_per_pass`` layers at a time (one extra dense matrix per layer in the pass), at the cost of one pass over
+the batches per group.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import nn
+
+from .tuners.sparse_delta.layer import SparseDeltaLayer
+
+
+def module_seed(seed: int, module_key: str) -> int:
+    """A per-module seed that does not depend on the order modules are visited in."""
+    return (seed * 1_000_003 + zlib.crc32(module_key.encode())) % (2**63 - 1)
+
+
+def random_indices(numel: int, k: int, seed: int) -> torch.Tensor:
+    """k distinct sorted flat indices drawn uniformly, reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(numel, generator=gen)[:k].sort().values
+
+
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat indices of the k largest scores (ties broken by position, so the choice is deterministic)."""
+    flat = scores.reshape(-1).float()
+    return torch.topk(flat, k, sorted=False).indices.sort().values
+
+
+def initial_indices(layer: SparseDeltaLayer, k: int, selection: str, seed: int) -> torch.Tensor:
+    """Indices chosen at creation time; gradient-based selections start on a random placeholder."""
+    if selection == "magnitude":
+        return top_k_indices(layer.dense_weight().abs(), k).cpu()
+    return random_indices(layer.numel, k, seed)
+
+
+def _sparse_layers(model: nn.Module, adapter_name: str) -> dict[str, SparseDeltaLayer]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_delta_values
+    }
+
+
+def _batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+    elif isinstance(batch, list | tuple):
+        out = model(*batch)
+    else:
+        out = model(batch)
+    loss = out["loss"] if isinstance(out, Mapping) and "loss" in out else getattr(out, "loss", out)
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            "select_masks: the model output has no `loss`; pass `loss_fn=` or batches with labels."
+        )
+    return loss if loss.dim() == 0 else loss.sum()
+
+
+def dense_grad_hooks(layer: SparseDeltaLayer, consume: Callable[[torch.Tensor], None]) -> list[Any]:
+    """Hooks that hand each backward's dense ``dL/dW`` (storage layout, fp32) of ``layer`` to ``consume``.
+
+    The gradient is formed from the saved layer input and the output gradient, passed on and dropped at once,
+    so only one layer's dense gradient exists at a time. Returns the handles to remove.
+    """
+
+    def on_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return
+        layer_input = args[0].detach()
+
+        def on_grad(grad: torch.Tensor) -> None:
+            x = layer_input.reshape(-1, layer.in_features).float()
+            dy = grad.reshape(-1, layer.out_features).float()
+            consume(x.t() @ dy if layer.fan_in_fan_out else dy.t() @ x)
+
+        output.register_hook(on_grad)
+
+    return [layer.register_forward_hook(on_forward)]
+
+
+def _score_hooks(layer: SparseDeltaLayer, score: torch.Tensor, snip: bool) -> list[Any]:
+    """Add ``|dL/dW|`` (or ``|W * dL/dW|``) of every batch into ``score``."""
+
+    def consume(dense_grad: torch.Tensor) -> None:
+        if snip:
+            dense_grad = dense_grad * layer.dense_weight().float()
+        score.add_(dense_grad.abs_())
+
+    return dense_grad_hooks(layer, consume)
+
+
+@torch.no_grad()
+def _reselect(layer: SparseDeltaLayer, adapter_name: str, score: torch.Tensor) -> None:
+    k = layer.sparse_delta_values[adapter_name].numel()
+    layer.set_adapter_indices(adapter_name, top_k_indices(score, k).to(score.device))
+    layer.needs_calibration[adapter_name] = False
+
+
+def select_masks(
+    model: nn.Module,
+    batches: Iterable[Any],
+    adapter_name: str = "default",
+    selection: str | None = None,
+    layers_per_pass: int | None = None,
+    loss_fn: Any = None,
+) -> dict[str, int]:
+    """Select gradient-based masks (``gradient`` / ``snip``) of a sparse-delta adapter from calibration batches.
+
+    ``batches``: an iterable of model inputs (dicts with ``labels`` for causal LMs, or anything ``loss_fn(model,
+    batch)`` understands). It is iterated once per pass, so pass a list or a re-iterable loader.
+    ``selection`` overrides the adapter config's selection (e.g. to re-select a random adapter by gradient).
+    ``layers_per_pass``: how many layers keep a dense score at once (default: all; lower it to bound memory).
+    Values are reset to zero on the new support. Returns ``{module_name: k}`` for the re-selected layers.
+    """
+    config = model.peft_config[adapter_name] if hasattr(model, "peft_config") else None
+    selection = selection or getattr(config, "selection", "gradient")
+    if selection not in ("gradient", "snip"):
+        raise ValueError(f"select_masks: selection must be 'gradient' or 'snip', got {selection!r}.")
+    layers = _sparse_layers(model, adapter_name)
+    if not layers:
+        raise ValueError(f"select_masks: the model has no sparse_delta adapter named {adapter_name!r}.")
+    batches = list(batches) if not isinstance(batches, list | tuple) else batches
+    if not batches:
+        raise ValueError("select_masks: at least one calibration batch is needed.")
+    loss_fn = loss_fn or _batch_loss
+    names = list(layers)
+    group = layers_per_pass or len(names)
+    was_training = model.training
+    model.train()
+    grad_state = {n: p.requires_grad for n, p in model.named_parameters()}
+    for layer in layers.values():
+        layer.needs_calibration[adapter_name] = False  # scoring passes run the current placeholder support
+        layer.sparse_delta_values[adapter_name].requires_grad_(True)
+    try:
+        for start in range(0, len(names), group):
+            chunk = names[start : start + group]
+            scores = {
+                n: torch.zeros(
+                    layers[n].storage_shape, dtype=torch.float32, device=layers[n]._weight_device()
+                )
+                for n in chunk
+            }
+            with ExitStack() as stack:
+                for n in chunk:
+                    for handle in _score_hooks(layers[n], scores[n], snip=selection == "snip"):
+                        stack.callback(handle.remove)
+                for batch in batches:
+                    loss = loss_fn(model, batch)
+                    loss.backward()
+            for n in chunk:
+                _reselect(layers[n], adapter_name, scores[n])
+                del scores[n]
+    finally:
+        for n, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(grad_state.get(n, p.requires_grad))
+        model.train(was_training)
+    return {n: layers[n].sparse_delta_values[adapter_name].numel() for n in names}

@@ -1,0 +1,142 @@
+"""The SPARSE_DELTA tuner: injects :class:`SparseDeltaLayer` into a model and validates adapter files."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...indices import InvalidSparseIndicesError, validate_indices
+from .config import SparseDeltaConfig
+from .layer import SparseDeltaLayer, SparseDeltaLinear
+
+SUPPORTED_LAYERS = "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear4bit / Linear8bitLt"
+
+
+def _is_supported_base(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear | Conv1D):
+        return True
+    backend = resolve_quantization_backend(module)
+    return backend is not None and backend.layer_type == "linear"
+
+
+class SparseDeltaModel(BaseTuner):
+    """Sparse high-rank delta adapters (``PeftType.SPARSE_DELTA``). Create it with ``get_peft_model``."""
+
+    prefix: str = "sparse_delta_"
+    tuner_layer_cls = SparseDeltaLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(
+        self,
+        config: SparseDeltaConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        from ...selection import initial_indices, module_seed
+
+        if current_key is None:
+            raise ValueError("sparse_delta: current_key must not be None")
+        if isinstance(target, SparseDeltaLayer):
+            layer, new = target, False
+        else:
+            layer, new = self._create_new_module(config, adapter_name, target), True
+        rows, cols = layer.storage_shape
+        seed = module_seed(config.seed, current_key)
+        twin = self._twin_adapter(config, adapter_name, layer)
+        values = None
+        if twin is not None:  # e.g. TRL's "ref" adapter: start as an exact copy of the adapter it was made from
+            indices = layer.sparse_delta_indices[twin].clone()
+            values = layer.sparse_delta_values[twin].detach().clone()
+        else:
+            indices = initial_indices(layer, config.budget(rows, cols), config.selection, seed)
+        layer.update_layer(
+            adapter_name,
+            indices,
+            init_weights=config.init_weights,
+            fused=config.fused,
+            needs_calibration=twin is None
+            and config.selection in ("gradient", "snip")
+            and not config.inference_mode,
+            seed=seed,
+            inference_mode=config.inference_mode,
+            values=values,
+        )
+        if new:
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)
+            self._replace_module(parent, target_name, layer, target)
+
+    def _twin_adapter(
+        self, config: SparseDeltaConfig, adapter_name: str, layer: SparseDeltaLayer
+    ) -> str | None:
+        """An existing adapter added with this very config object, whose support a new adapter should share.
+
+        TRL's DPO/KTO/GRPO trainers create their reference adapter as ``add_adapter("ref", peft_config["default"])``
+        and then copy the parameters whose names contain ``.default.`` — which misses ours (``...values.default``)
+        and would miss the index buffers anyway (moved by dynamic masks, loaded from a file, or composed). So an
+        adapter added with another adapter's own config object starts as an exact copy of it.
+        """
+        for name, other in self.peft_config.items():
+            if other is config and name != adapter_name and name in layer.sparse_delta_indices:
+                return name
+        return None
+
+    @staticmethod
+    def _create_new_module(
+        config: SparseDeltaConfig, adapter_name: str, target: nn.Module
+    ) -> SparseDeltaLayer:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not _is_supported_base(base):
+            raise TypeError(
+                f"sparse_delta cannot adapt a {type(base).__module__}.{type(base).__name__}; supported layers are "
+                f"{SUPPORTED_LAYERS}. Adjust `target_modules` / `exclude_modules`."
+            )
+        fan_in_fan_out = isinstance(base, Conv1D)  # the storage layout decides, per layer; the config is not mutated
+        if config.fan_in_fan_out and not fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out=True but {type(base).__name__} stores (out, in); using False for it.", stacklevel=3
+            )
+        return SparseDeltaLinear(target, adapter_name, fan_in_fan_out=fan_in_fan_out)
+
+    # ---------------------------------------------------------- loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: SparseDeltaConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Validate every index buffer before it touches the model, and size each layer to the file's support."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        for name, module in model.named_modules():
+            if not isinstance(module, SparseDeltaLayer) or adapter_name not in module.sparse_delta_values:
+                continue
+            idx_key, val_key = (
+                f"{name}.sparse_delta_{kind}.{adapter_name}" for kind in ("indices", "values")
+            )
+            where = (
+                f"sparse_delta adapter '{adapter_name}', module '{name.removeprefix('base_model.model.')}'"
+            )
+            if idx_key not in remapped or val_key not in remapped:
+                missing = "indices" if idx_key not in remapped else "values"
+                raise InvalidSparseIndicesError(
+                    f"{where}: the adapter file has no {missing} for this module."
+                )
+            values = remapped[val_key]
+            indices = validate_indices(remapped[idx_key], module.numel, values=values, where=where)
+            remapped[idx_key] = indices
+            if values.numel() != module.sparse_delta_values[adapter_name].numel():
+                module.set_adapter_indices(adapter_name, indices.to(module._weight_device()))
+            module.needs_calibration[adapter_name] = False
+        return remapped

@@ -1,0 +1,227 @@
+"""Helpers for the SoRA / group-sparse LoRA tests beyond the shared contract (``tests/contract.py``).
+
+Used by ``test_sora.py``, ``test_group_sparse_lora.py`` and ``test_export_lora.py``: tiny models built from configs
+(nothing is downloaded), bitsandbytes bases, fresh-process loading. Merging is LoRA-style (``W += ΔW`` in the weight
+dtype), so merged vs unmerged outputs and unmerge-restores-base agree to float rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from contract import TunerContract, adapter_params, assert_close, logits, loss
+from peft import get_peft_model
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from sparse_peft.tuners._lowrank import SparseLowRankLayer
+
+# tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waiting makes them
+# ~30x slower; the fresh-process checks below get the same setting through the environment
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INPUT_IDS = torch.tensor([[1, 5, 9, 2, 7, 3], [4, 4, 8, 6, 1, 0]])
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """GPT-2: every projection is a ``Conv1D`` (``fan_in_fan_out``)."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=32)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    """A BERT encoder with a classification head (for ``modules_to_save``)."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=32, num_labels=3,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+BUILDERS: dict[str, Callable[[int], nn.Module]] = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+TARGETS: dict[str, list[str] | str] = {
+    "llama": "all-linear",
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+}
+
+
+def output(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=INPUT_IDS).logits.float()
+
+
+def layers(model: nn.Module) -> list[SparseLowRankLayer]:
+    return [m for m in model.modules() if isinstance(m, SparseLowRankLayer)]
+
+
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.get_base_layer().weight.detach().clone() for n, m in model.named_modules() if isinstance(m, SparseLowRankLayer)}
+
+
+# per-architecture attention projections (names as in tests/contract.py's models)
+ATTENTION = {
+    "llama": ["q_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+}
+
+
+def lowrank_config(config_cls, arch, *, init_weights: bool, variant: int = 0, attention_only: bool = False, **kwargs):
+    """Config factory for ``tests/contract.py``; ``variant`` needs nothing: each new adapter draws fresh weights."""
+    if attention_only:
+        kwargs.update(target_modules=ATTENTION[arch.name], layers_to_transform=[1])
+    kwargs.setdefault("target_modules", "all-linear")
+    return config_cls(init_weights=init_weights, **kwargs)
+
+
+class LowRankContract(TunerContract):
+    """The shared contract, except that half-precision merge/unmerge is checked at half-precision tolerance.
+
+    The shared ``test_half_precision`` compares the base weights after three merge/unmerge cycles at fp32 tolerance
+    and the outputs bit for bit; LoRA-style ``W += ΔW`` / ``W -= ΔW`` in fp16/bf16 rounds at every step (LoRA itself
+    would fail that), so here the weights may drift by a few half-precision roundings of ``|W| + |ΔW|`` and the
+    outputs by half-precision tolerance. Everything else is inherited.
+    """
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+    def test_half_precision(self, arch, main_case, dtype):
+        batch = arch.batch()
+        model = self.make(arch, main_case, dtype=dtype).train()
+        value = loss(model, batch)
+        value.backward()
+        assert torch.isfinite(value)
+        assert all(torch.isfinite(p.grad).all() for p in adapter_params(model).values())
+        out = logits(model, batch)
+        assert torch.isfinite(out).all()
+        reference = arch.build(dtype)
+        for _ in range(3):
+            model.merge_adapter()
+            assert_close(logits(model, batch), out, tight=False)
+            model.unmerge_adapter()
+        assert_close(logits(model, batch), out, tight=False)
+        eps = torch.finfo(dtype).eps
+        for name, layer in model.get_base_model().named_modules():
+            if not isinstance(layer, SparseLowRankLayer):
+                continue
+            weight, original = layer.get_base_layer().weight, reference.get_submodule(name).weight
+            # three add/subtract round trips: a few roundings at the scale of |W| + |ΔW|
+            scale = original.abs().max() + layer.get_delta_weight("default").abs().max()
+            torch.testing.assert_close(weight.float(), original.float(), atol=float(8 * eps * scale), rtol=0)
+
+
+def save_tiny_base(kind: str, directory: Path) -> Path:
+    path = directory / f"base-{kind}"
+    BUILDERS[kind](0).save_pretrained(path)
+    return path
+
+
+def check_bnb(make_config: Callable[..., object], bits: int, tmp_path: Path) -> None:
+    """bitsandbytes 4-/8-bit Llama base on CPU: forward, exact disable, gradients, approximate merge."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    path = save_tiny_base("llama", tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu")
+    ref = output(base)
+    model = get_peft_model(base, make_config(target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False))
+    assert all(layer.quantization_backend is not None for layer in layers(model))
+    y = output(model)
+    assert torch.isfinite(y).all() and not torch.allclose(y, ref, atol=1e-3)
+    with model.disable_adapter():
+        assert torch.equal(output(model), ref)
+    model.train()
+    model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
+    assert all(layer.weight_A("default").grad is not None for layer in layers(model))
+    model.eval()
+    model.merge_adapter()  # requantization: close, not equal
+    drift = (output(model) - y).abs().max() / (y - ref).abs().max()
+    assert drift < 0.5, f"merged output moved by {drift:.2f} of the adapter's effect"
+    model.unmerge_adapter()
+
+
+_LOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    {imports}
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    cases = json.loads(sys.argv[1])
+    ids = torch.tensor({ids})
+    for case in cases:
+        auto = AutoModelForSequenceClassification if case["kind"] == "bert" else AutoModelForCausalLM
+        base = auto.from_pretrained(case["base"]).eval()
+        model = PeftModel.from_pretrained(base, case["adapter"]).eval()
+        {check}
+        with torch.no_grad():
+            torch.save(model(input_ids=ids).logits.float(), case["out"])
+    """
+)
+
+
+def outputs_in_fresh_process(cases: list[dict[str, str]], with_sparse_peft: bool) -> list[torch.Tensor]:
+    """Load each ``{"kind", "base", "adapter"}`` in a new interpreter and return its logits on :data:`INPUT_IDS`.
+
+    ``with_sparse_peft=False`` proves the adapter is vanilla PEFT: the script never imports sparse_peft and asserts
+    that nothing else did.
+    """
+    imports = "import sparse_peft" if with_sparse_peft else ""
+    check = "" if with_sparse_peft else "assert not any(m.startswith('sparse_peft') for m in sys.modules)"
+    script = _LOAD_SCRIPT.format(imports=imports, ids=INPUT_IDS.tolist(), check=check)
+    for i, case in enumerate(cases):
+        case["out"] = str(Path(case["adapter"]).parent / f"out-{i}.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(REPO_ROOT) if with_sparse_peft else ""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True, env=env, cwd="/", timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(case["out"]) for case in cases]
+
+
+def random_gates_to_zero(model: nn.Module, fraction: float = 0.5, seed: int = 0) -> None:
+    """Switch off a random subset of ranks (gates for SoRA, A rows and B columns otherwise), one module entirely."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, layer in enumerate(layers(model)):
+            r = layer.r["default"]
+            off = torch.rand(r, generator=gen) < fraction if i else torch.ones(r, dtype=torch.bool)
+            gate = layer.gate("default")
+            if gate is not None:
+                gate[off] = 0
+            else:
+                layer.weight_A("default")[off] = 0
+                layer.weight_B("default")[:, off] = 0

@@ -1,0 +1,122 @@
+"""Autograd functions for sparse-delta layers.
+
+Both save only the layer input (and references to tensors that already exist), never a dense copy of the
+weight, and compute the values' gradient with the sampled product (SDDMM) instead of a dense dL/dW.
+Weight storage is either ``nn.Linear`` (``(out, in)``, ``fan_in_fan_out=False``) or GPT-2 ``Conv1D``
+(``(in, out)``, ``fan_in_fan_out=True``); flat indices always refer to the storage layout.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from .ops import gather, scatter_, sddmm, spmm
+
+
+def _values_grad(
+    dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int], fan_in_fan_out: bool
+) -> torch.Tensor:
+    # Linear: dS[r, c] = sum_t dy[t, r] x[t, c];  Conv1D: dS[r, c] = sum_t x[t, r] dy[t, c]
+    return sddmm(x, dy, indices, shape) if fan_in_fan_out else sddmm(dy, x, indices, shape)
+
+
+class SparseDeltaLinearFn(torch.autograd.Function):
+    """``y = x @ S^T`` (Linear storage) for a sparse ``S``; the separate path ``base(x) + sparse(x)``."""
+
+    @staticmethod
+    def forward(ctx, x, values, indices, shape, fan_in_fan_out):  # type: ignore[override]
+        ctx.save_for_backward(x, values, indices)
+        ctx.shape, ctx.fan_in_fan_out = shape, fan_in_fan_out
+        return spmm(x, values, indices, shape, transpose=not fan_in_fan_out)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, values, indices = ctx.saved_tensors
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = spmm(dy, values, indices, ctx.shape, transpose=ctx.fan_in_fan_out)
+        if ctx.needs_input_grad[1]:
+            grad_values = _values_grad(dy, x, indices, ctx.shape, ctx.fan_in_fan_out).to(values.dtype)
+        return grad_x, grad_values, None, None, None
+
+
+class FusedSparseLinearFn(torch.autograd.Function):
+    """Dense matmul with the delta written into the weight only while this function runs.
+
+    Forward and backward each write ``W[idx] = W0[idx] + scale * v`` (O(k)), run the base layer's dense matmul
+    (``dx = dy @ W`` in the backward, plus the SDDMM for ``v``), and write the k originals back bit-exactly. So the
+    speed is the base layer's, nothing weight-sized is copied or saved, and outside these two calls the base weight
+    is always exactly ``W0`` (optimizers, EMA, ``state_dict`` and other readers never see the delta). Writes go
+    through ``.data`` so they do not bump the version counter other autograd nodes saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices, scale, fan_in_fan_out):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, values, indices)
+        ctx.scale, ctx.fan_in_fan_out, ctx.has_bias = scale, fan_in_fan_out, bias is not None
+        with _delta_in(weight, values, indices, scale) as fused:
+            if fan_in_fan_out:
+                out = x @ fused
+                out = out + bias if bias is not None else out
+            else:
+                out = F.linear(x, fused, bias)
+        ctx.compute_dtype = out.dtype  # differs from weight.dtype under autocast
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, values, indices = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = grad_values = None
+        if ctx.needs_input_grad[0]:
+            with _delta_in(weight, values, indices, ctx.scale) as fused:
+                w = fused.to(ctx.compute_dtype)  # a transient cast, as autocast did in the forward
+                grad_x = (dy.to(ctx.compute_dtype) @ (w.t() if ctx.fan_in_fan_out else w)).to(x.dtype)
+        if ctx.needs_input_grad[1]:  # only when someone also trains the base weight densely
+            dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+            grad_weight = x2.t() @ dy2 if ctx.fan_in_fan_out else dy2.t() @ x2
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_values = _values_grad(dy, x, indices, tuple(weight.shape), ctx.fan_in_fan_out) * ctx.scale
+            grad_values = grad_values.to(values.dtype)
+        return grad_x, grad_weight, grad_bias, grad_values, None, None, None
+
+
+@contextmanager
+def _delta_in(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float):
+    """Temporarily hold ``W0 + scale * v`` at the indices of ``weight``; restore the originals bit-exactly."""
+    data = weight.data
+    originals = gather(data, indices).clone()
+    compute = torch.promote_types(data.dtype, torch.float32)  # fp32 sums for half weights, fp64 stays fp64
+    scatter_(data, indices, originals.to(compute) + values.detach().to(compute) * scale)
+    try:
+        yield data
+    finally:
+        scatter_(data, indices, originals)
+
+
+def sparse_delta_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    shape: tuple[int, int],
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """The sparse part alone: ``x @ S^T`` (Linear) or ``x @ S`` (Conv1D); differentiable in ``x`` and ``values``."""
+    return SparseDeltaLinearFn.apply(x, values, indices, tuple(shape), fan_in_fan_out)
+
+
+def fused_sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float = 1.0,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """``x @ (W + scale * S)^T`` at the base layer's speed, for one sparse delta ``S`` on the base ``weight``."""
+    return FusedSparseLinearFn.apply(x, weight, bias, values, indices, float(scale), fan_in_fan_out)

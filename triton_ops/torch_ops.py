@@ -1,0 +1,86 @@
+"""Plain-torch reference implementations of the sparse ops (CPU, and any device without Triton).
+
+Conventions shared with the Triton kernels: a sparse matrix ``S`` of storage shape ``(R, C)`` is given by
+sorted unique flat indices ``idx`` (row-major, int32 or int64) and ``values`` of the same length.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sparse CPU kernels have no fp16/bf16 support: compute those in fp32."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def gather(target: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Return ``target.flatten()[indices]`` (a copy of k entries)."""
+    return target.reshape(-1)[indices.long()]
+
+
+def scatter_(target: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """In place ``target.flatten()[indices] = values``; used for bit-exact restores."""
+    flat = target.view(-1) if target.is_contiguous() else target.flatten()
+    flat[indices.long()] = values.to(target.dtype)
+    if not target.is_contiguous():
+        target.copy_(flat.view(target.shape))
+    return target
+
+
+def scatter_add_(
+    target: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """In place ``target.flatten()[indices] += alpha * values``, summed in fp32 and rounded once."""
+    idx = indices.long()
+    compute = _compute_dtype(target.dtype)
+    acc = target.reshape(-1)[idx].to(compute) + values.to(compute) * alpha
+    return scatter_(target, indices, acc)
+
+
+def _csr(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    n_rows, n_cols = shape
+    idx = indices.long()
+    rows = torch.div(idx, n_cols, rounding_mode="floor")
+    crow = torch.searchsorted(rows, torch.arange(n_rows + 1, device=idx.device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, idx % n_cols, values, shape, check_invariants=False)
+
+
+def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Sampled product ``g[k] = sum_t a[t, r_k] * b[t, c_k]`` with ``(r_k, c_k)`` the row/col of ``indices[k]``.
+
+    ``a`` is ``(T, R)``, ``b`` is ``(T, C)``. This is ``(a^T b)[idx]`` without the dense ``R x C`` product.
+    """
+    dtype = _compute_dtype(torch.promote_types(a.dtype, b.dtype))
+    a2 = a.reshape(-1, a.shape[-1]).to(dtype)
+    b2 = b.reshape(-1, b.shape[-1]).to(dtype)
+    mask = _csr(indices, torch.zeros(indices.numel(), dtype=dtype, device=a.device), shape)
+    with warnings.catch_warnings(), torch.autocast(a.device.type, enabled=False):
+        warnings.simplefilter("ignore")
+        out = torch.sparse.sampled_addmm(mask, a2.t().contiguous(), b2, beta=0.0)
+    return out.values()
+
+
+def spmm(
+    x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int], transpose: bool
+) -> torch.Tensor:
+    """Dense-times-sparse product over the last dim of ``x``.
+
+    ``transpose=True``: ``x @ S^T`` (``x`` has ``C`` features, result ``R``) — an ``nn.Linear`` storage.
+    ``transpose=False``: ``x @ S`` (``x`` has ``R`` features, result ``C``) — a GPT-2 ``Conv1D`` storage.
+    """
+    dtype = _compute_dtype(torch.promote_types(x.dtype, values.dtype))
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    sparse = _csr(indices, values.to(dtype), shape)
+    with torch.autocast(x.device.type, enabled=False):  # sparse kernels have no autocast (bf16) variants
+        if not transpose:
+            sparse = sparse.t().to_sparse_csr()  # x @ S == (S^T x^T)^T
+        # contiguous in and out: a strided result makes the following ``base + delta`` add slow
+        out = (sparse @ x2.t().contiguous()).t().contiguous()
+    return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
