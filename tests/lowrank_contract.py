@@ -1,8 +1,9 @@
-"""Helpers for the SoRA / group-sparse LoRA tests beyond the shared contract (``tests/contract.py``).
+"""SoRA / group-sparse LoRA helpers beyond the shared contract (``tests/contract.py``, which the contract classes use
+directly with ``exact_unmerge=False``: their merge is LoRA-style ``W += ΔW`` in the weight dtype).
 
-Used by ``test_sora.py``, ``test_group_sparse_lora.py`` and ``test_export_lora.py``: tiny models built from configs
-(nothing is downloaded), bitsandbytes bases, fresh-process loading. Merging is LoRA-style (``W += ΔW`` in the weight
-dtype), so merged vs unmerged outputs and unmerge-restores-base agree to float rounding, not bit for bit.
+Used by ``test_sora.py``, ``test_group_sparse_lora.py``, ``test_export_lora.py`` and ``test_proximal.py``: their
+own tiny models (smaller than the contract's; the proximal, Trainer and export tests are tuned to them; nothing is
+downloaded), their low-rank layers, bitsandbytes bases, loading exports in a fresh process.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
-from contract import TunerContract, adapter_params, assert_close, logits, loss
 from peft import get_peft_model
 from torch import nn
 from transformers import (
@@ -30,10 +29,6 @@ from transformers import (
 )
 
 from sparse_peft.tuners._lowrank import SparseLowRankLayer
-
-# tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waiting makes them
-# ~30x slower; the fresh-process checks below get the same setting through the environment
-torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INPUT_IDS = torch.tensor([[1, 5, 9, 2, 7, 3], [4, 4, 8, 6, 1, 0]])
@@ -81,62 +76,6 @@ def output(model: nn.Module) -> torch.Tensor:
 
 def layers(model: nn.Module) -> list[SparseLowRankLayer]:
     return [m for m in model.modules() if isinstance(m, SparseLowRankLayer)]
-
-
-def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.get_base_layer().weight.detach().clone() for n, m in model.named_modules() if isinstance(m, SparseLowRankLayer)}
-
-
-# per-architecture attention projections (names as in tests/contract.py's models)
-ATTENTION = {
-    "llama": ["q_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "v_proj", "o_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-}
-
-
-def lowrank_config(config_cls, arch, *, init_weights: bool, variant: int = 0, attention_only: bool = False, **kwargs):
-    """Config factory for ``tests/contract.py``; ``variant`` needs nothing: each new adapter draws fresh weights."""
-    if attention_only:
-        kwargs.update(target_modules=ATTENTION[arch.name], layers_to_transform=[1])
-    kwargs.setdefault("target_modules", "all-linear")
-    return config_cls(init_weights=init_weights, **kwargs)
-
-
-class LowRankContract(TunerContract):
-    """The shared contract, except that half-precision merge/unmerge is checked at half-precision tolerance.
-
-    The shared ``test_half_precision`` compares the base weights after three merge/unmerge cycles at fp32 tolerance
-    and the outputs bit for bit; LoRA-style ``W += ΔW`` / ``W -= ΔW`` in fp16/bf16 rounds at every step (LoRA itself
-    would fail that), so here the weights may drift by a few half-precision roundings of ``|W| + |ΔW|`` and the
-    outputs by half-precision tolerance. Everything else is inherited.
-    """
-
-    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-    def test_half_precision(self, arch, main_case, dtype):
-        batch = arch.batch()
-        model = self.make(arch, main_case, dtype=dtype).train()
-        value = loss(model, batch)
-        value.backward()
-        assert torch.isfinite(value)
-        assert all(torch.isfinite(p.grad).all() for p in adapter_params(model).values())
-        out = logits(model, batch)
-        assert torch.isfinite(out).all()
-        reference = arch.build(dtype)
-        for _ in range(3):
-            model.merge_adapter()
-            assert_close(logits(model, batch), out, tight=False)
-            model.unmerge_adapter()
-        assert_close(logits(model, batch), out, tight=False)
-        eps = torch.finfo(dtype).eps
-        for name, layer in model.get_base_model().named_modules():
-            if not isinstance(layer, SparseLowRankLayer):
-                continue
-            weight, original = layer.get_base_layer().weight, reference.get_submodule(name).weight
-            # three add/subtract round trips: a few roundings at the scale of |W| + |ΔW|
-            scale = original.abs().max() + layer.get_delta_weight("default").abs().max()
-            torch.testing.assert_close(weight.float(), original.float(), atol=float(8 * eps * scale), rtol=0)
 
 
 def save_tiny_base(kind: str, directory: Path) -> Path:

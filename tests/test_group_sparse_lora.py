@@ -7,8 +7,8 @@ from functools import partial
 
 import pytest
 import torch
-from contract import TunerCase
-from lowrank_contract import INPUT_IDS, LowRankContract, check_bnb, layers, lowrank_config, tiny_llama
+from contract import TunerCase, TunerContract, tuner_config
+from lowrank_contract import INPUT_IDS, check_bnb, layers, tiny_llama
 from peft import get_peft_model
 from peft_upstream import import_tests, retarget
 
@@ -55,10 +55,10 @@ TestGroupSparseLoraMultipleActiveAdapters = retarget(
 
 
 # ------------------------------------------------------------------------------------------ tiny transformers models
-class TestGroupSparseLoraContract(LowRankContract):
-    cases = [
-        TunerCase("rank-groups", partial(lowrank_config, GroupSparseLoraConfig, r=4)),
-        TunerCase("row-groups-attention", partial(lowrank_config, GroupSparseLoraConfig, attention_only=True,
+class TestGroupSparseLoraContract(TunerContract):
+    cases = [  # LoRA-style merge (W ± ΔW in the weight dtype): exact_unmerge=False
+        TunerCase("rank-groups", partial(tuner_config, GroupSparseLoraConfig, r=4)),
+        TunerCase("row-groups-attention", partial(tuner_config, GroupSparseLoraConfig, attention_only=True,
                                                   group_by="row")),
     ]
 

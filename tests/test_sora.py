@@ -7,14 +7,8 @@ from functools import partial
 
 import pytest
 import torch
-from contract import TunerCase
-from lowrank_contract import (
-    LowRankContract,
-    check_bnb,
-    layers,
-    lowrank_config,
-    tiny_llama,
-)
+from contract import TunerCase, TunerContract, tuner_config
+from lowrank_contract import check_bnb, layers, tiny_llama
 from peft import get_peft_model
 from peft_upstream import import_tests, retarget
 from transformers import Trainer, TrainingArguments
@@ -60,11 +54,11 @@ TestSoraMultipleActiveAdapters = retarget(
 
 
 # ------------------------------------------------------------------------------------------ tiny transformers models
-class TestSoraContract(LowRankContract):
-    cases = [
-        TunerCase("all-linear", partial(lowrank_config, SoraConfig, r=4)),
+class TestSoraContract(TunerContract):
+    cases = [  # LoRA-style merge (W ± ΔW in the weight dtype): exact_unmerge=False
+        TunerCase("all-linear", partial(tuner_config, SoraConfig, r=4)),
         TunerCase("attention-dropout-schedule", partial(
-            lowrank_config, SoraConfig, attention_only=True, lora_dropout=0.1, lambda_schedule="linear",
+            tuner_config, SoraConfig, attention_only=True, lora_dropout=0.1, lambda_schedule="linear",
             lambda_max=0.5, lambda_num_stages=3,
         )),
     ]

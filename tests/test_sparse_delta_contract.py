@@ -6,26 +6,15 @@ from functools import partial
 
 import pytest
 import torch
-from contract import ARCHS, Arch, Batch, TunerCase, TunerContract
+from contract import ARCHS, Arch, Batch, TunerCase, TunerContract, tuner_config
 from peft import PeftModel, get_peft_model
 
 from sparse_peft import SparseDeltaConfig, SparseDeltaLayer, select_masks
 
-# per-architecture attention projections, for a case that does not use "all-linear"
-ATTENTION = {
-    "llama": ["q_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "v_proj", "o_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-}
 
-
-def sparse_delta(arch: Arch, *, init_weights: bool, variant: int = 0, attention_only: bool = False, **kwargs):
+def sparse_delta(arch: Arch, *, init_weights: bool, variant: int = 0, **kwargs):
     """Config factory: ``variant`` becomes the seed, so variants pick different entries and values."""
-    if attention_only:
-        kwargs.update(target_modules=ATTENTION[arch.name], layers_to_transform=[1])
-    kwargs.setdefault("target_modules", "all-linear")
-    return SparseDeltaConfig(init_weights=init_weights, seed=variant, **kwargs)
+    return tuner_config(SparseDeltaConfig, arch, init_weights=init_weights, seed=variant, **kwargs)
 
 
 def calibrate(model: PeftModel, adapter_name: str, batches: list[Batch]) -> None:
