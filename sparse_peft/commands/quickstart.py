@@ -1,0 +1,32 @@
+"""``sparse-peft quickstart``: the README's main job (interim version; issue 7 replaces it)."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import positive_int
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    quick = sub.add_parser(
+        "quickstart",
+        help="train, evaluate, compose, merge sparse adapters on the embedded tiny model, then serve the demo",
+        description="End-to-end run on the embedded tiny model (nothing is downloaded).",
+    )
+    quick.add_argument(
+        "--output", default="quickstart-out", help="output directory (default: ./quickstart-out)"
+    )
+    quick.add_argument("--steps", type=positive_int, default=150, help="training steps (default: 150)")
+    quick.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    quick.add_argument("--no-demo", action="store_true", help="do not start the demo afterwards")
+    quick.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..quickstart import format_result, run_quickstart
+
+    result = run_quickstart(args.output, steps=args.steps, seed=args.seed)
+    print(format_result(result, args.output))
+    if not args.no_demo:
+        print("The Gradio demo is not part of this release yet; rerun with --no-demo to silence this note.")
+    return 0
