@@ -15,6 +15,7 @@ from .masks import SparseMask  # noqa: E402
 from .proximal import apply_proximal_step  # noqa: E402
 from .selection import select_masks  # noqa: E402
 from .tuners.group_sparse_lora import GroupSparseLoraConfig  # noqa: E402
+from .tuners.s2ft import S2FTConfig, S2FTModel  # noqa: E402
 from .tuners.sora import SoraConfig  # noqa: E402
 from .tuners.sparse_delta import SparseDeltaConfig, SparseDeltaLayer, SparseDeltaModel  # noqa: E402
 
@@ -26,6 +27,8 @@ __all__ = [
     "compose",
     "extract_sparse_delta",
     "GroupSparseLoraConfig",
+    "S2FTConfig",
+    "S2FTModel",
     "SoraConfig",
     "apply_proximal_step",
     "export_to_lora",

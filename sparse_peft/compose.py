@@ -1,7 +1,8 @@
 """Composing sparse adapters (LT-SFT): one adapter whose delta is the (weighted) sum of several.
 
 The composed support is the union of the inputs' supports; where supports overlap the values are summed. The
-result is an ordinary SPARSE_DELTA adapter: it can be saved, merged, switched to or trained further.
+result is an ordinary adapter of the inputs' type (SPARSE_DELTA, or S2FT on the union of the channels): it can be
+saved, merged, switched to or trained further.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from peft import PeftModel
 
 from .masks import sparse_delta_layers
+from .tuners.s2ft import S2FTConfig, S2FTLinear
 from .tuners.sparse_delta.config import SparseDeltaConfig
 
 
@@ -35,13 +37,17 @@ def compose(
         raise ValueError(f"compose: {len(names)} adapters but {len(weights)} weights.")
     if new_adapter_name in model.peft_config:
         raise ValueError(f"compose: an adapter named {new_adapter_name!r} already exists.")
+    kinds = {type(model.peft_config.get(name)) for name in names}
     for name in names:
         config = model.peft_config.get(name)
-        if not isinstance(config, SparseDeltaConfig):
+        if not isinstance(config, SparseDeltaConfig | S2FTConfig):
             kind = type(config).__name__ if config is not None else "nothing"
             raise ValueError(
-                f"compose: adapter {name!r} is {kind}; only SparseDeltaConfig adapters can be composed."
+                f"compose: adapter {name!r} is {kind}; only SparseDeltaConfig and S2FTConfig adapters can be "
+                "composed."
             )
+    if len(kinds) > 1:
+        raise ValueError("compose: adapters of one type only (a PeftModel holds one adapter type).")
 
     layers = {
         n: m for n, m in sparse_delta_layers(model).items() if any(a in m.sparse_delta_values for a in names)
@@ -51,6 +57,12 @@ def compose(
     config.exclude_modules = None
     config.layers_to_transform = config.layers_pattern = None
     config.selection, config.init_weights = "random", True
+    if isinstance(config, S2FTConfig):  # the union of column/row slices is again a slice
+        config.channel_plan = {
+            name: torch.unique(torch.cat([layer.channels(a) for a in names if a in layer.sparse_delta_values]))
+            .tolist()
+            for name, layer in layers.items()
+        }
     config.inference_mode = True
     model.add_adapter(new_adapter_name, config)
 
@@ -62,6 +74,10 @@ def compose(
             union, inverse = torch.unique(indices, return_inverse=True)
             summed = torch.zeros(union.numel(), dtype=torch.float32, device=values.device)
             summed.index_add_(0, inverse, values)
-            layer.set_adapter_indices(new_adapter_name, union, values=summed)
+            if isinstance(layer, S2FTLinear):
+                channels = torch.unique(torch.cat([layer.channels(a) for a, _ in present]))
+                layer.set_channels(new_adapter_name, channels, values=summed)
+            else:
+                layer.set_adapter_indices(new_adapter_name, union, values=summed)
             layer.needs_calibration[new_adapter_name] = False
     return new_adapter_name

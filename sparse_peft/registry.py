@@ -46,6 +46,7 @@ class MethodSpec:
 METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("sparse_delta", "sparse_peft.tuners.sparse_delta", "SparseDeltaConfig", "SparseDeltaModel"),
     MethodSpec("sora", "sparse_peft.tuners.sora", "SoraConfig", "SoraModel"),
+    MethodSpec("s2ft", "sparse_peft.tuners.s2ft", "S2FTConfig", "S2FTModel"),
     MethodSpec(
         "group_sparse_lora",
         "sparse_peft.tuners.group_sparse_lora",

@@ -118,6 +118,8 @@ def select_masks(
 ) -> dict[str, int]:
     """Select gradient-based masks (``gradient`` / ``snip``) of a sparse-delta adapter from calibration batches.
 
+    For an S2FT adapter it chooses whole heads/channels by ``activation`` or ``gradient`` scores instead.
+
     ``batches``: an iterable of model inputs (dicts with ``labels`` for causal LMs, or anything ``loss_fn(model,
     batch)`` understands). It is iterated once per pass, so pass a list or a re-iterable loader.
     ``selection`` overrides the adapter config's selection (e.g. to re-select a random adapter by gradient).
@@ -125,6 +127,10 @@ def select_masks(
     Values are reset to zero on the new support. Returns ``{module_name: k}`` for the re-selected layers.
     """
     config = model.peft_config[adapter_name] if hasattr(model, "peft_config") else None
+    if getattr(config, "peft_type", None) == "S2FT":  # structured: whole heads / channels per block
+        from .tuners.s2ft.calibration import select_s2ft
+
+        return select_s2ft(model, batches, adapter_name, selection=selection, loss_fn=loss_fn)
     selection = selection or getattr(config, "selection", "gradient")
     if selection not in ("gradient", "snip"):
         raise ValueError(f"select_masks: selection must be 'gradient' or 'snip', got {selection!r}.")

@@ -16,7 +16,7 @@ from peft import get_peft_model
 from peft_upstream import import_tests, retarget
 
 import sparse_peft  # noqa: F401  (registers SPARSE_DELTA)
-from sparse_peft import SparseDeltaConfig
+from sparse_peft import S2FTConfig, SparseDeltaConfig
 
 upstream = import_tests("test_custom_models")
 
@@ -29,6 +29,11 @@ TEST_CASES = [
     ("MLP modules_to_save", "MLP", SparseDeltaConfig, {"target_modules": ["lin0"], "density": 0.2, "modules_to_save": ["lin1"]}),
     ("EmbConv1D conv1d", "EmbConv1D", SparseDeltaConfig, {"target_modules": ["conv1d"], "density": 0.6}),
     ("EmbConv1D both unfused", "EmbConv1D", SparseDeltaConfig, {"target_modules": ["conv1d", "lin0"], "density": 0.5, "fused": False}),
+    # S2FT on the headless toy models: roles mapped explicitly (lin0's input channels act as FFN channels)
+    ("MLP s2ft down", "MLP", S2FTConfig, {"module_roles": {"down": "lin0"}, "channels_ratio": 0.5}),
+    ("MLP s2ft rows unfused", "MLP", S2FTConfig,
+     {"module_roles": {"up": "lin0", "down": "lin1"}, "up_gate_rows": True, "channels_ratio": 0.5, "fused": False}),
+    ("EmbConv1D s2ft conv1d", "EmbConv1D", S2FTConfig, {"module_roles": {"down": "conv1d"}, "channels_ratio": 0.5}),
 ]
 
 # (test_name, tuner_method, config_cls, config_kwargs_1, config_kwargs_2), as upstream's MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES
@@ -39,6 +44,9 @@ MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [
     ("SparseDelta different", "sparse_delta", SparseDeltaConfig,
      {"target_modules": ["lin0"], "density": 0.3, "init_weights": False},
      {"target_modules": ["lin1"], "density": 0.5, "init_weights": False, "fused": False}),
+    ("S2FT same", "s2ft", S2FTConfig,
+     {"module_roles": {"down": "lin0"}, "channels_ratio": 0.5, "init_weights": False, "seed": 1},
+     {"module_roles": {"down": "lin0"}, "channels_ratio": 0.5, "init_weights": False, "seed": 2}),
 ]
 
 # upstream test name -> why it does not apply to SPARSE_DELTA (reported as skipped). Upstream skips a few more

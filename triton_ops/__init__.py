@@ -3,6 +3,7 @@
 from .autograd import FusedSparseLinearFn, SparseDeltaLinearFn, fused_sparse_linear, sparse_delta_linear
 from .dispatch import triton_available, use_triton
 from .ops import gather, scatter_, scatter_add_, sddmm, spmm
+from .structured import slice_flat_indices, slice_values_grad, structured_delta_linear
 
 __all__ = [
     "FusedSparseLinearFn",
@@ -12,8 +13,11 @@ __all__ = [
     "scatter_",
     "scatter_add_",
     "sddmm",
+    "slice_flat_indices",
+    "slice_values_grad",
     "sparse_delta_linear",
     "spmm",
+    "structured_delta_linear",
     "triton_available",
     "use_triton",
 ]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import gather, scatter_, sddmm, spmm
+from .structured import input_side, slice_values_grad
 
 
 def _values_grad(
@@ -51,11 +52,22 @@ class FusedSparseLinearFn(torch.autograd.Function):
     speed is the base layer's, nothing weight-sized is copied or saved, and outside these two calls the base weight
     is always exactly ``W0`` (optimizers, EMA, ``state_dict`` and other readers never see the delta). Writes go
     through ``.data`` so they do not bump the version counter other autograd nodes saved.
+
+    With a structured slice (``axis``/``channels``, S2FT) the values' gradient is the block-sized product over the
+    selected channels, and for input-side slices only ``x[..., channels]`` is saved (partial backprop).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, scale, fan_in_fan_out):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, values, indices)
+    def forward(  # type: ignore[override]
+        ctx, x, weight, bias, values, indices, scale, fan_in_fan_out, axis=None, channels=None
+    ):
+        ctx.structured = channels is not None
+        ctx.axis = axis
+        # dx needs W (the live weight, not a copy); the values' gradient needs only the selected input slice
+        slice_input = ctx.structured and input_side(axis, fan_in_fan_out) and not weight.requires_grad
+        x_saved = x[..., channels] if slice_input else x
+        ctx.input_sliced = slice_input
+        ctx.save_for_backward(x_saved, weight, values, indices, channels)
         ctx.scale, ctx.fan_in_fan_out, ctx.has_bias = scale, fan_in_fan_out, bias is not None
         with _delta_in(weight, values, indices, scale) as fused:
             if fan_in_fan_out:
@@ -68,7 +80,7 @@ class FusedSparseLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, values, indices = ctx.saved_tensors
+        x, weight, values, indices, channels = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             with _delta_in(weight, values, indices, ctx.scale) as fused:
@@ -80,9 +92,14 @@ class FusedSparseLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0)
         if ctx.needs_input_grad[3]:
-            grad_values = _values_grad(dy, x, indices, tuple(weight.shape), ctx.fan_in_fan_out) * ctx.scale
-            grad_values = grad_values.to(values.dtype)
-        return grad_x, grad_weight, grad_bias, grad_values, None, None, None
+            if ctx.structured:
+                needs_slice = input_side(ctx.axis, ctx.fan_in_fan_out) and not ctx.input_sliced
+                xs = x[..., channels] if needs_slice else x
+                grad_values = slice_values_grad(dy, xs, ctx.axis, channels, ctx.fan_in_fan_out)
+            else:
+                grad_values = _values_grad(dy, x, indices, tuple(weight.shape), ctx.fan_in_fan_out)
+            grad_values = (grad_values * ctx.scale).to(values.dtype)
+        return grad_x, grad_weight, grad_bias, grad_values, None, None, None, None, None
 
 
 @contextmanager
@@ -117,6 +134,13 @@ def fused_sparse_linear(
     indices: torch.Tensor,
     scale: float = 1.0,
     fan_in_fan_out: bool = False,
+    axis: int | None = None,
+    channels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ (W + scale * S)^T`` at the base layer's speed, for one sparse delta ``S`` on the base ``weight``."""
-    return FusedSparseLinearFn.apply(x, weight, bias, values, indices, float(scale), fan_in_fan_out)
+    """``x @ (W + scale * S)^T`` at the base layer's speed, for one sparse delta ``S`` on the base ``weight``.
+
+    Pass ``axis``/``channels`` when ``S`` is a structured row/column slice (see ``triton_ops.structured``).
+    """
+    return FusedSparseLinearFn.apply(
+        x, weight, bias, values, indices, float(scale), fan_in_fan_out, axis, channels
+    )

@@ -296,6 +296,19 @@ class SparseLowRankLayer(nn.Module, BaseTunerLayer, ProximalLayer):
             result = result + F.linear(h, b) * self.scaling[adapter]
         return result.to(result_dtype)
 
+    @torch.no_grad()
+    def copy_adapter(self, source: str, target: str) -> None:
+        """Make adapter ``target`` an exact copy of ``source`` (factors, gate and any extra per-adapter state)."""
+        names = [self.a_name, self.b_name] + ([self.gate_name] if self.gate_name is not None else [])
+        for name in names:
+            params = getattr(self, name)
+            params[target].data.copy_(params[source].data)
+        for name in self.extra_dict_names:
+            table = getattr(self, name)
+            if source in table:
+                value = table[source]
+                table[target] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+
     # -------------------------------------------------------------------------------------------- misc
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
@@ -337,12 +350,30 @@ class SparseLowRankModel(BaseTuner):
             raise ValueError("Current Key shouldn't be `None`")
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config)
+            twin = self._twin_adapter(config, adapter_name, target)
+            if twin is not None:
+                target.copy_adapter(twin, adapter_name)
             return
         new_module = self._create_new_module(config, adapter_name, target, **get_quantization_kwargs(self))
         if adapter_name not in self.active_adapters:
             # an additional adapter is not trainable until set_adapter selects it
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _twin_adapter(
+        self, config: SparseLowRankConfig, adapter_name: str, layer: SparseLowRankLayer
+    ) -> str | None:
+        """An existing adapter added with this very config object, which a new adapter should start as a copy of.
+
+        TRL's DPO/KTO/GRPO trainers build their reference adapter as ``add_adapter("ref", peft_config["default"])``
+        and then copy only parameters whose names contain ``.default.``, which misses entries of a ParameterDict
+        such as SoRA's gate (``...sora_gate.default``): the reference would keep a fresh gate. The same rule as
+        SPARSE_DELTA's therefore applies: an adapter added with another adapter's own config object is its copy.
+        """
+        for name, other in self.peft_config.items():
+            if other is config and name != adapter_name and name in getattr(layer, layer.a_name):
+                return name
+        return None
 
     def _create_new_module(
         self, config: SparseLowRankConfig, adapter_name: str, target: nn.Module, **kwargs: Any

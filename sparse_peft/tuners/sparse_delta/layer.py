@@ -269,28 +269,32 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         self._check_calibrated(active)
         if fused is not None:
-            base = self.get_base_layer()
-            weight = base.weight
-            x_cast = self._cast_input_dtype(x, weight.dtype)
-            out = triton_ops.fused_sparse_linear(
-                x_cast,
-                weight,
-                base.bias,
-                self.sparse_delta_values[fused],
-                self.sparse_delta_indices[fused],
-                self.scaling[fused],
-                self.fan_in_fan_out,
-            )
-            return out
+            return self._fused_forward(fused, x)
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
             values = self.delta_values(name)
-            x_cast = self._cast_input_dtype(x, values.dtype)
-            delta = triton_ops.sparse_delta_linear(
-                x_cast, values, self.sparse_delta_indices[name], self.storage_shape, self.fan_in_fan_out
-            )
+            delta = self._delta_forward(name, self._cast_input_dtype(x, values.dtype), values)
             result = result + delta.to(result.dtype)
         return result
+
+    def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Base matmul with adapter ``name`` written into the weight only inside the kernels."""
+        base = self.get_base_layer()
+        return triton_ops.fused_sparse_linear(
+            self._cast_input_dtype(x, base.weight.dtype),
+            base.weight,
+            base.bias,
+            self.sparse_delta_values[name],
+            self.sparse_delta_indices[name],
+            self.scaling[name],
+            self.fan_in_fan_out,
+        )
+
+    def _delta_forward(self, name: str, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The delta's own output (separate path); structured subclasses compute it densely on their slice."""
+        return triton_ops.sparse_delta_linear(
+            x, values, self.sparse_delta_indices[name], self.storage_shape, self.fan_in_fan_out
+        )
 
     def __repr__(self) -> str:
         return "sparse_delta." + super().__repr__()

@@ -1,0 +1,131 @@
+"""The S2FT layer: a sparse-delta layer whose support is whole input columns or output rows (a structured slice).
+
+It stores the selected channel ids (a few ints) instead of k flat indices, derives the flat indices from them, and
+computes the delta densely on the slice: the fused path saves only ``x[..., channels]`` for input-side slices and
+forms a block-sized gradient; the separate path is a small dense matmul. Everything else (merge, bit-exact
+unmerge, several adapters, compose, hot-swap) is the sparse-delta core's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from torch import nn
+
+import triton_ops
+
+from ...indices import InvalidSparseIndicesError
+from ..sparse_delta.layer import SparseDeltaLinear
+from .architecture import ROLE_AXIS
+
+
+class S2FTLinear(SparseDeltaLinear):
+    """Structured sparse delta on one linear-like layer: channels along one storage axis."""
+
+    # PEFT recognises a method's tensors by its prefix, so S2FT owns ``s2ft_*`` containers; the sparse-delta core
+    # reaches them through the ``sparse_delta_*`` properties below.
+    adapter_layer_names = ("s2ft_values",)
+    other_param_names = ("s2ft_indices", "s2ft_channels")
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, role: str, fan_in_fan_out: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(base_layer, adapter_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
+        self.s2ft_values = self._modules.pop("sparse_delta_values")
+        del self._modules["sparse_delta_indices"]
+        self.s2ft_indices = BufferDict({}, persistent=False)  # derived from the channels, never saved
+        self.s2ft_channels = BufferDict({}, persistent=True)
+        self.s2ft_role = role
+        logical = ROLE_AXIS[role]
+        # storage axis the channels index: Linear (out, in) -> in = 1; Conv1D (in, out) -> in = 0
+        self.s2ft_axis = (0 if fan_in_fan_out else 1) if logical == "in" else (1 if fan_in_fan_out else 0)
+
+    @property
+    def sparse_delta_values(self) -> nn.ParameterDict:  # type: ignore[override]
+        return self.s2ft_values
+
+    @property
+    def sparse_delta_indices(self) -> BufferDict:  # type: ignore[override]
+        return self.s2ft_indices
+
+    @property
+    def axis_size(self) -> int:
+        """Number of channels along the sliced axis."""
+        return self.storage_shape[self.s2ft_axis]
+
+    def check_channels(self, channels: torch.Tensor, where: str) -> torch.Tensor:
+        """Validate channel ids (integer, 1-D, sorted, unique, in range) before they touch the weight."""
+        if not isinstance(channels, torch.Tensor) or channels.dtype not in (torch.int32, torch.int64):
+            dtype = getattr(channels, "dtype", type(channels).__name__)
+            raise InvalidSparseIndicesError(f"{where}: channel ids must be int32/int64, got {dtype}.")
+        if channels.dim() != 1:
+            raise InvalidSparseIndicesError(f"{where}: channel ids must be 1-D, got shape {tuple(channels.shape)}.")
+        if channels.numel():
+            low, high = int(channels.min()), int(channels.max())
+            if low < 0 or high >= self.axis_size:
+                raise InvalidSparseIndicesError(
+                    f"{where}: channel ids out of range [0, {self.axis_size}): min {low}, max {high}."
+                )
+            steps = channels[1:] - channels[:-1]
+            if (steps == 0).any():
+                raise InvalidSparseIndicesError(f"{where}: duplicated channel ids.")
+            if (steps < 0).any():
+                raise InvalidSparseIndicesError(f"{where}: channel ids are not sorted.")
+        return channels.long()
+
+    def set_channels(
+        self,
+        adapter_name: str,
+        channels: torch.Tensor,
+        values: torch.Tensor | None = None,
+        init_weights: bool = True,
+        fused: bool = True,
+        needs_calibration: bool = False,
+        seed: int = 0,
+        inference_mode: bool = False,
+    ) -> None:
+        """Create or re-select adapter ``adapter_name`` on these channels (values reset unless given)."""
+        channels = self.check_channels(channels, f"s2ft adapter '{adapter_name}'")
+        indices = triton_ops.slice_flat_indices(self.storage_shape, self.s2ft_axis, channels)
+        if adapter_name in self.sparse_delta_values and adapter_name in self.scaling:
+            self.set_adapter_indices(adapter_name, indices, init_weights=init_weights, seed=seed, values=values)
+            self.needs_calibration[adapter_name] = needs_calibration
+        else:
+            self.update_layer(
+                adapter_name,
+                indices,
+                init_weights=init_weights,
+                fused=fused,
+                needs_calibration=needs_calibration,
+                seed=seed,
+                inference_mode=inference_mode,
+                values=values,
+            )
+        self.s2ft_channels[adapter_name] = channels.to(device=indices.device, dtype=torch.int32)
+
+    def channels(self, adapter_name: str) -> torch.Tensor:
+        return self.s2ft_channels[adapter_name].long()
+
+    def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return triton_ops.fused_sparse_linear(
+            self._cast_input_dtype(x, base.weight.dtype),
+            base.weight,
+            base.bias,
+            self.sparse_delta_values[name],
+            self.sparse_delta_indices[name],
+            self.scaling[name],
+            self.fan_in_fan_out,
+            axis=self.s2ft_axis,
+            channels=self.channels(name),
+        )
+
+    def _delta_forward(self, name: str, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return triton_ops.structured_delta_linear(
+            x, values, self.s2ft_axis, self.channels(name), self.storage_shape, self.fan_in_fan_out
+        )
+
+    def __repr__(self) -> str:
+        return f"s2ft[{self.s2ft_role}]." + super().__repr__()
