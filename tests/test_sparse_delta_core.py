@@ -19,6 +19,7 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 import sparse_peft
 from sparse_peft import SparseDeltaConfig, SparseDeltaLayer, select_masks
+from sparse_peft.index_codec import decode_indices
 from sparse_peft.indices import InvalidSparseIndicesError, index_dtype, validate_indices
 from sparse_peft.registry import (
     CorruptAdapterFileError,
@@ -161,8 +162,16 @@ def _saved_adapter(tmp_path):
     return tmp_path / "adapter_model.safetensors"
 
 
+def _as_plain_indices(tensors: dict[str, torch.Tensor]) -> str:
+    """Rewrite the compact index code of the first module as plain int32 indices (the other accepted format)."""
+    code_key = next(k for k in tensors if k.endswith("sparse_delta_codes"))
+    key = code_key.replace("sparse_delta_codes", "sparse_delta_indices")
+    tensors[key] = decode_indices(tensors.pop(code_key)).to(torch.int32)
+    return key
+
+
 def _corrupt(tensors: dict[str, torch.Tensor], how: str) -> None:
-    key = next(k for k in tensors if k.endswith("sparse_delta_indices"))
+    key = _as_plain_indices(tensors)
     idx = tensors[key]
     if how == "out_of_range":
         idx[-1] = 10**6

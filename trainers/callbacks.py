@@ -204,8 +204,14 @@ class SparseUpdateCallback(TrainerCallback):
     @classmethod
     def attach(cls, trainer: Trainer, hooks: Sequence[SparseHook] | None = None) -> SparseUpdateCallback:
         """Add the callback to ``trainer`` ahead of the reporting callbacks and exclude gates from weight decay."""
-        callback = cls(hooks)
+        existing = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SparseUpdateCallback)]
+        for cb in existing:  # e.g. the one install_default_callback() added: never run the hooks twice
+            trainer.callback_handler.callbacks.remove(cb)
+        callback = cls(hooks) if hooks is not None or not existing else existing[0]
         trainer.callback_handler.callbacks.insert(0, callback)
+        if getattr(trainer, "_sparse_peft_attached", False):
+            return callback
+        trainer._sparse_peft_attached = True  # type: ignore[attr-defined]
         original = trainer.get_decay_parameter_names
 
         def get_decay_parameter_names(model: nn.Module) -> list[str]:

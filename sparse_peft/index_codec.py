@@ -1,0 +1,57 @@
+"""Compact on-disk encoding of sorted unique flat indices: gaps in a variable-length byte code (LEB128).
+
+A sparse delta saved as int32 indices + fp32 values is twice the size of a LoRA file with as many parameters.
+Sorted indices are small steps apart (about ``1/density``), so each gap fits in one or two 7-bit groups:
+at LoRA-equivalent budgets the index part drops from 4 bytes to about 1-1.3 bytes per entry. Encoding and
+decoding are vectorised torch ops (O(k), no Python loop over entries). In memory indices stay int32/int64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .indices import InvalidSparseIndicesError
+
+_MAX_GROUPS = 9  # 63-bit flat indices need at most 9 groups of 7 bits
+
+
+def encode_indices(indices: torch.Tensor) -> torch.Tensor:
+    """uint8 LEB128 code of the gaps of sorted unique ``indices`` (first gap = first index)."""
+    idx = indices.detach().to("cpu", torch.int64)
+    gaps = torch.diff(idx, prepend=idx.new_zeros(1))
+    if idx.numel() and (bool((gaps[1:] <= 0).any()) or int(idx[0]) < 0):
+        raise InvalidSparseIndicesError("encode_indices: indices must be sorted, unique and non-negative.")
+    n_groups = torch.ones_like(gaps)
+    for j in range(1, _MAX_GROUPS):
+        n_groups += (gaps >> (7 * j)) > 0
+    starts = torch.cumsum(n_groups, 0) - n_groups
+    out = torch.empty(int(n_groups.sum()), dtype=torch.uint8)
+    for j in range(int(n_groups.max()) if gaps.numel() else 0):
+        has = n_groups > j
+        byte = (gaps[has] >> (7 * j)) & 0x7F
+        byte |= (n_groups[has] - 1 > j).to(torch.int64) << 7  # continuation bit on all but the last group
+        out[starts[has] + j] = byte.to(torch.uint8)
+    return out
+
+
+def decode_indices(code: torch.Tensor, where: str = "sparse delta") -> torch.Tensor:
+    """int64 indices from :func:`encode_indices`' bytes; a malformed code raises, naming ``where``."""
+    if not isinstance(code, torch.Tensor) or code.dtype != torch.uint8 or code.dim() != 1:
+        got = f"{code.dtype}, shape {tuple(code.shape)}" if isinstance(code, torch.Tensor) else type(code).__name__
+        raise InvalidSparseIndicesError(f"{where}: encoded indices must be a 1-D uint8 tensor, got {got}.")
+    if code.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    data = code.to(torch.int64)
+    last = (data & 0x80) == 0
+    if not bool(last[-1]):
+        raise InvalidSparseIndicesError(f"{where}: the encoded indices are truncated (the last gap is unfinished).")
+    number = torch.cumsum(last.to(torch.int64), 0) - last.to(torch.int64)  # which gap each byte belongs to
+    first_byte = torch.cat([torch.zeros(1, dtype=torch.int64), torch.nonzero(last).flatten()[:-1] + 1])
+    position = torch.arange(data.numel()) - first_byte[number]
+    if int(position.max()) >= _MAX_GROUPS:
+        raise InvalidSparseIndicesError(f"{where}: an encoded gap is longer than 63 bits (corrupt file).")
+    gaps = torch.zeros(first_byte.numel(), dtype=torch.int64)
+    gaps.index_add_(0, number, (data & 0x7F) << (7 * position))
+    if (gaps[1:] == 0).any():
+        raise InvalidSparseIndicesError(f"{where}: the encoded indices contain duplicates (a zero gap).")
+    return torch.cumsum(gaps, 0)

@@ -1,0 +1,59 @@
+"""Attach :class:`~trainers.callbacks.SparseUpdateCallback` to every ``transformers.Trainer`` (and so every TRL trainer).
+
+``import trainers`` calls :func:`install` once. From then on each Trainer built in the process — SFTTrainer and
+DPOTrainer with ``peft_config=SoraConfig(...)``, a pre-wrapped PeftModel, a plain model — gets the callback from
+transformers' own list of default callbacks (so it runs before the reporting callbacks and its sparsity logs reach
+every logger), and SoRA gates are kept out of weight decay when the optimizer is built. For models without
+sparse_peft adapters the hooks find nothing to do. :func:`attach` is the explicit, per-trainer alternative (after
+:func:`uninstall`, or for custom hooks); it never adds a second callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import transformers.trainer as hf_trainer
+from torch import nn
+from transformers import Trainer
+
+from sparse_peft.proximal import no_weight_decay_parameters
+
+from .callbacks import SparseHook, SparseUpdateCallback
+
+__all__ = ["attach", "install", "installed", "uninstall"]
+
+_ORIGINAL_DECAY = Trainer.get_decay_parameter_names
+
+
+def _decay_without_gates(self: Trainer, model: nn.Module) -> list[str]:
+    """Trainer's decay list minus the parameters sparse_peft's proximal steps own (SoRA gates)."""
+    names = _ORIGINAL_DECAY(self, model)
+    exempt = {id(p) for p in no_weight_decay_parameters(model)}
+    if not exempt:
+        return names
+    skip = {n for n, p in model.named_parameters() if id(p) in exempt}
+    return [n for n in names if n not in skip]
+
+
+def install() -> None:
+    """Make every Trainer built from now on run SparseUpdateCallback and keep gates out of weight decay (idempotent)."""
+    if SparseUpdateCallback not in hf_trainer.DEFAULT_CALLBACKS:
+        hf_trainer.DEFAULT_CALLBACKS.append(SparseUpdateCallback)
+    Trainer.get_decay_parameter_names = _decay_without_gates  # type: ignore[method-assign]
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (trainers built afterwards need :func:`attach`)."""
+    while SparseUpdateCallback in hf_trainer.DEFAULT_CALLBACKS:
+        hf_trainer.DEFAULT_CALLBACKS.remove(SparseUpdateCallback)
+    Trainer.get_decay_parameter_names = _ORIGINAL_DECAY  # type: ignore[method-assign]
+
+
+def installed() -> bool:
+    """Whether new Trainers get the callback automatically."""
+    return SparseUpdateCallback in hf_trainer.DEFAULT_CALLBACKS
+
+
+def attach(trainer: Trainer, hooks: Sequence[SparseHook] | None = None) -> SparseUpdateCallback:
+    """Give one trainer the callback explicitly (reuses an installed one; ``hooks`` replaces the default hooks)."""
+    return SparseUpdateCallback.attach(trainer, hooks)

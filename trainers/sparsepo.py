@@ -1,0 +1,294 @@
+"""SparsePO (arXiv 2410.05102): DPO whose per-token reward and KL terms are weighted by sparse token masks.
+
+Per completion token ``t`` (positions shifted as for the log-probs): ``r_t = log π(y_t) − log π_ref(y_t)`` and
+``k_t = KL(π_ref(·|y_<t) ‖ π(·|y_<t))`` over the vocabulary. With token masks ``m_u`` (reward) and ``m_d`` (KL):
+
+    u = Σ m_u·r (chosen) − Σ m_u·r (rejected),   d = Σ m_d·k (chosen) − Σ m_d·k (rejected)
+    L = −log σ(β(u − d)) + λ_u·mean(m_u) + λ_d·mean(m_d)
+
+Masks come from the reference model's hidden states, so they cost one ``output_hidden_states`` on the reference
+forward that DPO runs anyway:
+
+* ``activation``: mean hidden activation over layers and features, z-normalised over each completion, min–max
+  scaled to [0, 1] and detached (no parameters);
+* ``learned``: per layer ``LayerNorm → Linear(h, 1) → ReLU``, mixed across layers by ``Linear(L, 1) → ReLU``; one
+  network shared by the reward and KL masks or one each (``mask_sharing``); trained with the adapter;
+* ``ones``: every mask is 1 — with ``use_kl=False`` this is exactly DPO's sigmoid loss (the ablation and the test).
+
+The KL term needs the full logits of both models (the fused LM head only yields the label's log-prob), so this
+trainer runs the plain forward; memory is that of DPO without ``fused_lm_head``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import is_peft_model
+from torch import nn
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+__all__ = ["MaskNetwork", "SparsePOConfig", "SparsePOTrainer", "activation_mask"]
+
+MASK_TYPES = ("activation", "learned", "ones")
+MASK_FILE = "sparsepo_masks.pt"
+
+
+@dataclass
+class SparsePOConfig(DPOConfig):
+    """:class:`trl.DPOConfig` plus SparsePO's token masks (the loss is always the sigmoid loss).
+
+    Args:
+        mask_type: ``activation`` (reference activations), ``learned`` (mask network) or ``ones`` (plain DPO).
+        mask_sharing: for ``learned``: ``shared`` (one mask for reward and KL) or ``independent`` (one each).
+        use_kl: include the token-level KL term ``d``.
+        mask_l1_reward: λ_u, L1 weight on the reward mask (mean mask value per completion token).
+        mask_l1_kl: λ_d, L1 weight on the KL mask.
+        mask_learning_rate: learning rate of the mask network (default: ``learning_rate``).
+    """
+
+    mask_type: Literal["activation", "learned", "ones"] = field(
+        default="activation", metadata={"help": f"Token mask: one of {MASK_TYPES}."}
+    )
+    mask_sharing: Literal["shared", "independent"] = field(
+        default="shared", metadata={"help": "Learned masks: one for reward and KL ('shared') or one each."}
+    )
+    use_kl: bool = field(default=True, metadata={"help": "Include the token-level KL term."})
+    mask_l1_reward: float = field(default=0.0, metadata={"help": "L1 weight λ_u on the reward mask."})
+    mask_l1_kl: float = field(default=0.0, metadata={"help": "L1 weight λ_d on the KL mask."})
+    mask_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the mask network (default: learning_rate)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"SparsePOConfig.mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}.")
+        if self.mask_sharing not in ("shared", "independent"):
+            raise ValueError(f"mask_sharing must be 'shared' or 'independent', got {self.mask_sharing!r}.")
+        if self.mask_l1_reward < 0 or self.mask_l1_kl < 0:
+            raise ValueError("mask_l1_reward and mask_l1_kl must be >= 0.")
+        if list(self.loss_type) != ["sigmoid"]:
+            raise ValueError(f"SparsePO defines its own sigmoid loss; loss_type must be 'sigmoid', got {self.loss_type}.")
+        unsupported = {
+            "ld_alpha": self.ld_alpha is not None,
+            "use_weighting": self.use_weighting,
+            "precompute_ref_log_probs": self.precompute_ref_log_probs,
+            "f_divergence_type != 'reverse_kl'": self.f_divergence_type != "reverse_kl",
+            "label_smoothing": bool(self.label_smoothing),
+        }
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"SparsePO does not support these DPO options: {', '.join(bad)}.")
+
+
+def activation_mask(hidden_states: tuple[torch.Tensor, ...], completion: torch.Tensor) -> torch.Tensor:
+    """Token weights in [0, 1] from reference activations (layer- and feature-mean, z-scored, min–max scaled).
+
+    ``hidden_states`` are the model's outputs (embeddings first, then one per layer); ``completion`` is the shifted
+    completion mask ``(batch, T-1)``. The weight of position ``t`` (the hidden state that predicts token ``t+1``)
+    is 0 outside the completion.
+    """
+    act = torch.stack([h.float() for h in hidden_states[1:]]).mean(dim=(0, 3))[:, :-1]  # (batch, T-1)
+    keep = completion.bool()
+    count = completion.sum(dim=1, keepdim=True).clamp_min(1)
+    mean = (act * completion).sum(dim=1, keepdim=True) / count
+    std = (((act - mean) ** 2) * completion).sum(dim=1, keepdim=True).div(count).sqrt().clamp_min(1e-6)
+    z = (act - mean) / std
+    low = z.masked_fill(~keep, float("inf")).amin(dim=1, keepdim=True)
+    high = z.masked_fill(~keep, float("-inf")).amax(dim=1, keepdim=True)
+    scaled = (z - low) / (high - low).clamp_min(1e-6)
+    return scaled.masked_fill(~keep, 0.0).detach()
+
+
+class MaskNetwork(nn.Module):
+    """Learned SparsePO mask: per layer ``LayerNorm → Linear(h, 1) → ReLU``, then ``Linear(L, 1) → ReLU``.
+
+    Initialised so every token starts with weight ≈ 1 (the DPO starting point): per-layer bias 1 with small
+    weights, and mixing weights 1/L.
+    """
+
+    def __init__(self, hidden_size: int, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, 1), nn.ReLU()) for _ in range(num_layers)
+        )
+        self.mix = nn.Sequential(nn.Linear(num_layers, 1), nn.ReLU())
+        with torch.no_grad():
+            for layer in self.layers:
+                nn.init.normal_(layer[1].weight, std=0.01)
+                nn.init.ones_(layer[1].bias)
+            self.mix[0].weight.fill_(1.0 / num_layers)
+            self.mix[0].bias.zero_()
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...], completion: torch.Tensor) -> torch.Tensor:
+        dtype = self.mix[0].weight.dtype
+        per_layer = [net(h.detach().to(dtype)).squeeze(-1) for net, h in zip(self.layers, hidden_states[1:], strict=True)]
+        mask = self.mix(torch.stack(per_layer, dim=-1)).squeeze(-1)[:, :-1]
+        return mask * completion
+
+
+class SparsePOTrainer(DPOTrainer):
+    """TRL's :class:`~trl.DPOTrainer` with SparsePO's token-masked loss; accepts everything DPOTrainer does.
+
+    Logs DPO's reward metrics (computed from the masked rewards) plus ``mask/density`` (fraction of completion
+    tokens with a non-zero reward mask), ``mask/chosen_mean`` / ``mask/rejected_mean`` and, with the KL term,
+    ``kl/chosen`` / ``kl/rejected`` (and ``mask/kl_density`` for independent learned masks).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, SparsePOConfig):
+            raise TypeError(f"SparsePOTrainer needs args=SparsePOConfig(...), got {type(self.args).__name__}.")
+        self.mask_networks = nn.ModuleDict()
+        if self.args.mask_type == "learned":
+            text = self.accelerator.unwrap_model(self.model).config.get_text_config()
+            names = ["reward"] if self.args.mask_sharing == "shared" else ["reward", "kl"]
+            for name in names:
+                self.mask_networks[name] = MaskNetwork(text.hidden_size, text.num_hidden_layers)
+            self.mask_networks.to(self.accelerator.device)
+
+    # ------------------------------------------------------------------------------------------ optimisation
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        params = list(self.mask_networks.parameters())
+        if params and not any(p is params[0] for g in optimizer.param_groups for p in g["params"]):
+            lr = self.args.mask_learning_rate or self.args.learning_rate
+            optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+        return optimizer
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().training_step(*args, **kwargs)
+        if len(self.mask_networks) and self.accelerator.num_processes > 1:
+            # the mask networks live outside the DDP-wrapped model: average their gradients across ranks by hand
+            for p in self.mask_networks.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+        return loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if len(self.mask_networks) and self.args.should_save:
+            folder = Path(output_dir or self.args.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(self.mask_networks.state_dict(), folder / MASK_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / MASK_FILE
+        if len(self.mask_networks):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a learned-mask run.")
+            self.mask_networks.load_state_dict(torch.load(path, map_location=self.accelerator.device))
+
+    # ------------------------------------------------------------------------------------------ loss
+    def _reference(self, model_kwargs: dict[str, Any]) -> Any:
+        """The reference forward (adapter disabled, or the ``ref`` adapter, or ``ref_model``) with hidden states."""
+        context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        ref = self.ref_model
+        if ref is None:
+            ref = self.model
+            if is_peft_model(self.model):
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            context,
+        ):
+            return ref(**model_kwargs, output_hidden_states=self.args.mask_type != "ones")
+
+    def _masks(self, hidden: Any, completion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.args.mask_type == "ones":
+            return completion, completion
+        if self.args.mask_type == "activation":
+            mask = activation_mask(hidden, completion)
+            return mask, mask
+        reward = self.mask_networks["reward"](hidden, completion)
+        kl = self.mask_networks["kl"](hidden, completion) if "kl" in self.mask_networks else reward
+        return reward, kl
+
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        mode = "train" if self.model.training else "eval"
+        non_model = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+        model_kwargs = {k: v for k, v in inputs.items() if k not in non_model}
+        model_kwargs["use_cache"] = False
+        completion = inputs["completion_mask"][:, 1:].float()
+        labels = inputs["input_ids"][:, 1:]
+        seq = completion.size(1)
+
+        outputs = model(**model_kwargs)
+        logp_all = F.log_softmax(outputs.logits[:, -seq - 1 : -1].float(), dim=-1)
+        ref_outputs = self._reference(model_kwargs)
+        ref_logp_all = F.log_softmax(ref_outputs.logits[:, -seq - 1 : -1].float(), dim=-1)
+
+        logps = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        ref_logps = ref_logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        token_reward = (logps - ref_logps) * completion
+        mask_u, mask_d = self._masks(ref_outputs.hidden_states, completion)
+        reward_c, reward_r = (mask_u * token_reward).sum(dim=1).chunk(2)
+        margin = reward_c - reward_r
+        kl_c = kl_r = torch.zeros_like(reward_c)
+        if self.args.use_kl:
+            token_kl = (ref_logp_all.exp() * (ref_logp_all - logp_all)).sum(dim=-1) * completion
+            kl_c, kl_r = (mask_d * token_kl).sum(dim=1).chunk(2)
+            margin = margin - (kl_c - kl_r)
+        loss = -F.logsigmoid(self.beta * margin).mean()
+        tokens = completion.sum().clamp_min(1)
+        mean_u, mean_d = mask_u.sum() / tokens, mask_d.sum() / tokens
+        if self.args.mask_l1_reward:
+            loss = loss + self.args.mask_l1_reward * mean_u
+        if self.args.mask_l1_kl and self.args.use_kl:
+            loss = loss + self.args.mask_l1_kl * mean_d
+
+        self._log_metrics(mode, inputs, completion, mask_u, mask_d, reward_c, reward_r, kl_c, kl_r, logps)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _log_metrics(
+        self,
+        mode: str,
+        inputs: dict[str, Any],
+        completion: torch.Tensor,
+        mask_u: torch.Tensor,
+        mask_d: torch.Tensor,
+        reward_c: torch.Tensor,
+        reward_r: torch.Tensor,
+        kl_c: torch.Tensor,
+        kl_r: torch.Tensor,
+        logps: torch.Tensor,
+    ) -> None:
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+
+        def ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+            total = gather(den.reshape(1)).sum()
+            return (gather(num.reshape(1)).sum() / total).item() if total > 0 else 0.0
+
+        chosen_tok, rejected_tok = completion.chunk(2)
+        u_c, u_r = mask_u.chunk(2)
+        metrics["mask/density"].append(ratio(((mask_u > 0) & completion.bool()).sum().float(), completion.sum()))
+        metrics["mask/chosen_mean"].append(ratio(u_c.sum(), chosen_tok.sum()))
+        metrics["mask/rejected_mean"].append(ratio(u_r.sum(), rejected_tok.sum()))
+        if "kl" in self.mask_networks:
+            metrics["mask/kl_density"].append(ratio(((mask_d > 0) & completion.bool()).sum().float(), completion.sum()))
+        rewards_c, rewards_r = gather(self.beta * reward_c.detach()), gather(self.beta * reward_r.detach())
+        metrics["rewards/chosen"].append(rewards_c.mean().item())
+        metrics["rewards/rejected"].append(rewards_r.mean().item())
+        metrics["rewards/margins"].append((rewards_c - rewards_r).mean().item())
+        metrics["rewards/accuracies"].append((rewards_c > rewards_r).float().mean().item())
+        if self.args.use_kl:
+            metrics["kl/chosen"].append(gather(kl_c.detach()).mean().item())
+            metrics["kl/rejected"].append(gather(kl_r.detach()).mean().item())
+        seq_logps_c, seq_logps_r = (logps.detach() * completion).sum(dim=1).chunk(2)
+        metrics["logps/chosen"].append(gather(seq_logps_c).mean().item())
+        metrics["logps/rejected"].append(gather(seq_logps_r).mean().item())
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
