@@ -87,7 +87,10 @@ class ModelSpec:
 SIZES: dict[str, ModelSpec] = {
     # CI smoke size: the smallest at which a dense weight copy clearly stands out from RSS noise
     "quick": ModelSpec("quick", 384, 4, 1024, 6, 6, 1024, 32, 2),
-    "100m": ModelSpec("100m", 768, 12, 2048, 12, 12, 32000, 256, 2),
+    # three sizes for the scaling figures; sequence/batch shrink with size so the full run fits in ~30 min on 2 cores
+    "20m": ModelSpec("20m", 512, 4, 1408, 8, 4, 8000, 128, 2),
+    "100m": ModelSpec("100m", 768, 12, 2048, 12, 12, 32000, 128, 2),
+    "400m": ModelSpec("400m", 1024, 24, 2816, 16, 8, 32000, 64, 1),
 }
 
 
@@ -112,6 +115,8 @@ class Method:
     label: str
     ours: bool
     build: Callable[[nn.Module, StepSettings], nn.Module]
+    # what the method runs after every optimizer step (prune/regrow, proximal step), timed with the step
+    driver: Callable[[nn.Module, torch.optim.Optimizer], Callable[[int], None]] | None = None
 
 
 def _full_ft(model: nn.Module, settings: StepSettings) -> nn.Module:
@@ -147,14 +152,74 @@ def _sparse_delta(fused: bool) -> Callable[[nn.Module, StepSettings], nn.Module]
     return build
 
 
+def _supertuning(model: nn.Module, settings: StepSettings) -> nn.Module:
+    """PEFT ``supertuning`` (magnitude top-k) with its uniform sparsity set to LoRA's total parameter count."""
+    from peft import SupertuningConfig, get_peft_model
+
+    targets = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in BLOCK_LINEARS]
+    lora = sum(settings.r * (m.in_features + m.out_features) for m in targets)
+    sparsity = 1.0 - lora / sum(m.weight.numel() for m in targets)
+    return get_peft_model(model, SupertuningConfig(sparsity=sparsity, target_modules=BLOCK_LINEARS))
+
+
+def _dynamic(model: nn.Module, settings: StepSettings) -> nn.Module:
+    from peft import get_peft_model
+
+    from sparse_peft import SparseDeltaConfig
+
+    config = SparseDeltaConfig(
+        r=settings.r, target_modules=BLOCK_LINEARS, seed=settings.seed, reselect_every=2, regrow="momentum"
+    )
+    return get_peft_model(model, config)
+
+
+def _dynamic_driver(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[int], None]:
+    from sparse_peft.dynamic import DynamicMasks
+
+    masks = DynamicMasks(model, optimizer, total_steps=100)
+    return lambda step: masks.step()
+
+
+def _s2ft(model: nn.Module, settings: StepSettings) -> nn.Module:
+    from peft import get_peft_model
+
+    from sparse_peft import S2FTConfig
+
+    return get_peft_model(model, S2FTConfig(r=settings.r, seed=settings.seed))
+
+
+def _lowrank(kind: str) -> Callable[[nn.Module, StepSettings], nn.Module]:
+    def build(model: nn.Module, settings: StepSettings) -> nn.Module:
+        from peft import get_peft_model
+
+        from sparse_peft import GroupSparseLoraConfig, SoraConfig
+
+        config_cls = SoraConfig if kind == "sora" else GroupSparseLoraConfig
+        return get_peft_model(model, config_cls(r=settings.r, target_modules=BLOCK_LINEARS))
+
+    return build
+
+
+def _proximal_driver(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[int], None]:
+    from sparse_peft import apply_proximal_step
+
+    lr = optimizer.param_groups[0]["lr"]
+    return lambda step: apply_proximal_step(model, lr, step=step)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("full_ft", "full fine-tuning", False, _full_ft),
         Method("lora", "PEFT LoRA", False, _lora),
         Method("shira", "PEFT shira", False, _shira),
+        Method("supertuning", "PEFT supertuning", False, _supertuning),
         Method("sparse_delta_fused", "sparse_delta fused=True", True, _sparse_delta(True)),
         Method("sparse_delta_separate", "sparse_delta fused=False", True, _sparse_delta(False)),
+        Method("sparse_delta_dynamic", "sparse_delta dynamic (SpIEL)", True, _dynamic, _dynamic_driver),
+        Method("s2ft", "S2FT", True, _s2ft),
+        Method("sora", "SoRA", True, _lowrank("sora"), _proximal_driver),
+        Method("group_sparse_lora", "group-sparse LoRA", True, _lowrank("group_sparse_lora"), _proximal_driver),
     )
 }
 
@@ -284,11 +349,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+def _train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ids: torch.Tensor,
+    after: Callable[[int], None] | None = None,
+    step: int = 0,
+) -> float:
     optimizer.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     optimizer.step()
+    if after is not None:
+        after(step)
     return float(loss.detach())
 
 
@@ -322,16 +395,18 @@ def measure(method_name: str, spec: ModelSpec, settings: StepSettings) -> dict[s
     release_free_memory()
     rss_after_model = current_rss()
     baseline = meter.start()
-    losses = [_train_step(model, optimizer, ids) for _ in range(max(2, settings.warmup))]
+    after = method.driver(model, optimizer) if method.driver else None
+    n_warmup = max(2, settings.warmup)
+    losses = [_train_step(model, optimizer, ids, after, i) for i in range(n_warmup)]
     peak = meter.peak()
 
     set_mmap_threshold(TIMING_MMAP_THRESHOLD)
     times: list[float] = []
-    for _ in range(settings.steps):
+    for i in range(settings.steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         tick = time.perf_counter()
-        losses.append(_train_step(model, optimizer, ids))
+        losses.append(_train_step(model, optimizer, ids, after, n_warmup + i))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - tick)

@@ -35,7 +35,11 @@ def adapter_configs() -> dict[str, PeftConfig]:
     return {
         "sparse_delta": SparseDeltaConfig(target_modules="all-linear", density=0.05),
         "sparse_delta_dynamic": SparseDeltaConfig(
-            target_modules="all-linear", density=0.05, reselect_every=2, regrow_window=1, reselect_fraction=0.5
+            target_modules="all-linear",
+            density=0.05,
+            reselect_every=2,
+            regrow_window=1,
+            reselect_fraction=0.5,
         ),
         "sora": SoraConfig(target_modules="all-linear", r=4, sparse_lambda=0.5),
         "group_sparse_lora": GroupSparseLoraConfig(target_modules="all-linear", r=4, sparse_lambda=0.5),
@@ -56,7 +60,8 @@ def sft_dataset(kind: str, n: int = 16) -> Dataset:
         return Dataset.from_dict(
             {
                 "messages": [
-                    [{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}] for p, c in rows
+                    [{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}]
+                    for p, c in rows
                 ]
             }
         )
@@ -90,7 +95,9 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in state.items()}
 
 
-def assert_only_adapter_changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], adapter: str) -> None:
+def assert_only_adapter_changed(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], adapter: str
+) -> None:
     """Some ``adapter`` tensor moved, every tensor of other adapters and of the base stayed bit-identical."""
     moved = [n for n in before if n in after and not torch.equal(before[n], after[n])]
     assert any(f".{adapter}" in n for n in moved), "training did not change the adapter"

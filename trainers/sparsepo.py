@@ -75,7 +75,9 @@ class SparsePOConfig(DPOConfig):
         if self.mask_l1_reward < 0 or self.mask_l1_kl < 0:
             raise ValueError("mask_l1_reward and mask_l1_kl must be >= 0.")
         if list(self.loss_type) != ["sigmoid"]:
-            raise ValueError(f"SparsePO defines its own sigmoid loss; loss_type must be 'sigmoid', got {self.loss_type}.")
+            raise ValueError(
+                f"SparsePO defines its own sigmoid loss; loss_type must be 'sigmoid', got {self.loss_type}."
+            )
         unsupported = {
             "ld_alpha": self.ld_alpha is not None,
             "use_weighting": self.use_weighting,
@@ -117,7 +119,8 @@ class MaskNetwork(nn.Module):
     def __init__(self, hidden_size: int, num_layers: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, 1), nn.ReLU()) for _ in range(num_layers)
+            nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, 1), nn.ReLU())
+            for _ in range(num_layers)
         )
         self.mix = nn.Sequential(nn.Linear(num_layers, 1), nn.ReLU())
         with torch.no_grad():
@@ -129,7 +132,10 @@ class MaskNetwork(nn.Module):
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], completion: torch.Tensor) -> torch.Tensor:
         dtype = self.mix[0].weight.dtype
-        per_layer = [net(h.detach().to(dtype)).squeeze(-1) for net, h in zip(self.layers, hidden_states[1:], strict=True)]
+        per_layer = [
+            net(h.detach().to(dtype)).squeeze(-1)
+            for net, h in zip(self.layers, hidden_states[1:], strict=True)
+        ]
         mask = self.mix(torch.stack(per_layer, dim=-1)).squeeze(-1)[:, :-1]
         return mask * completion
 
@@ -145,7 +151,9 @@ class SparsePOTrainer(DPOTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, SparsePOConfig):
-            raise TypeError(f"SparsePOTrainer needs args=SparsePOConfig(...), got {type(self.args).__name__}.")
+            raise TypeError(
+                f"SparsePOTrainer needs args=SparsePOConfig(...), got {type(self.args).__name__}."
+            )
         self.mask_networks = nn.ModuleDict()
         if self.args.mask_type == "learned":
             text = self.accelerator.unwrap_model(self.model).config.get_text_config()
@@ -184,7 +192,9 @@ class SparsePOTrainer(DPOTrainer):
         path = Path(resume_from_checkpoint) / MASK_FILE
         if len(self.mask_networks):
             if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a learned-mask run.")
+                raise FileNotFoundError(
+                    f"{path} is missing: the checkpoint was not written by a learned-mask run."
+                )
             self.mask_networks.load_state_dict(torch.load(path, map_location=self.accelerator.device))
 
     # ------------------------------------------------------------------------------------------ loss
@@ -196,7 +206,9 @@ class SparsePOTrainer(DPOTrainer):
             ref = self.model
             if is_peft_model(self.model):
                 unwrapped = self.accelerator.unwrap_model(self.model)
-                context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+                context = use_adapter(
+                    unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
+                )
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
@@ -273,11 +285,15 @@ class SparsePOTrainer(DPOTrainer):
 
         chosen_tok, rejected_tok = completion.chunk(2)
         u_c, u_r = mask_u.chunk(2)
-        metrics["mask/density"].append(ratio(((mask_u > 0) & completion.bool()).sum().float(), completion.sum()))
+        metrics["mask/density"].append(
+            ratio(((mask_u > 0) & completion.bool()).sum().float(), completion.sum())
+        )
         metrics["mask/chosen_mean"].append(ratio(u_c.sum(), chosen_tok.sum()))
         metrics["mask/rejected_mean"].append(ratio(u_r.sum(), rejected_tok.sum()))
         if "kl" in self.mask_networks:
-            metrics["mask/kl_density"].append(ratio(((mask_d > 0) & completion.bool()).sum().float(), completion.sum()))
+            metrics["mask/kl_density"].append(
+                ratio(((mask_d > 0) & completion.bool()).sum().float(), completion.sum())
+            )
         rewards_c, rewards_r = gather(self.beta * reward_c.detach()), gather(self.beta * reward_r.detach())
         metrics["rewards/chosen"].append(rewards_c.mean().item())
         metrics["rewards/rejected"].append(rewards_r.mean().item())

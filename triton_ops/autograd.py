@@ -106,7 +106,7 @@ class FusedSparseLinearFn(torch.autograd.Function):
 def _delta_in(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float):
     """Temporarily hold ``W0 + scale * v`` at the indices of ``weight``; restore the originals bit-exactly."""
     data = weight.data
-    originals = gather(data, indices).clone()
+    originals = gather(data, indices)  # a copy
     compute = torch.promote_types(data.dtype, torch.float32)  # fp32 sums for half weights, fp64 stays fp64
     scatter_(data, indices, originals.to(compute) + values.detach().to(compute) * scale)
     try:

@@ -179,7 +179,7 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer):
                 continue
             idx = self.sparse_delta_indices[name]
             weight = self.dense_weight()
-            originals = triton_ops.gather(weight, idx).clone()
+            originals = triton_ops.gather(weight, idx)  # a copy
             values = self.delta_values(name).detach()
             if safe_merge:
                 merged = originals.to(torch.float32) + values.to(torch.float32)

@@ -1,0 +1,146 @@
+"""SparsePOTrainer: equals DPO's sigmoid loss with all-ones masks and no KL; trains every adapter type with both
+mask variants; masks are sane; learned masks are optimised and saved; bad configs fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import trl
+
+from sparse_peft.quickstart import tiny_llama
+from tests.trl_helpers import (
+    SPARSE_METHODS,
+    adapter_configs,
+    assert_only_adapter_changed,
+    preference_dataset,
+    snapshot,
+    word_tokenizer,
+)
+from trainers import SparsePOConfig, SparsePOTrainer, activation_mask
+
+COMMON = dict(
+    max_steps=3,
+    learning_rate=3e-2,
+    per_device_train_batch_size=4,
+    report_to=[],
+    use_cpu=True,
+    disable_tqdm=True,
+    logging_steps=1,
+    save_strategy="no",
+    seed=0,
+    max_length=16,
+)
+
+
+def make(tmp_path, method: str = "sora", **config) -> SparsePOTrainer:
+    settings = {
+        **COMMON,
+        **({"bf16": False} if method == "s2ft" else {}),
+        **config,
+    }  # s2ft: see test_trl_trainers
+    return SparsePOTrainer(
+        model=tiny_llama(0),
+        args=SparsePOConfig(output_dir=str(tmp_path), **settings),
+        train_dataset=preference_dataset(),
+        processing_class=word_tokenizer(),
+        peft_config=adapter_configs()[method],
+    )
+
+
+def batch_of(trainer: SparsePOTrainer) -> dict[str, torch.Tensor]:
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def test_all_ones_masks_without_kl_equal_dpo_sigmoid_loss(tmp_path):
+    trainer = make(tmp_path, "sparse_delta", mask_type="ones", use_kl=False, bf16=False, max_steps=2)
+    trainer.train()  # move the adapter away from the reference so the loss is not log 2
+    batch = batch_of(trainer)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, batch)
+        margins = trainer._metrics["eval"]["rewards/margins"][-1]
+        dpo = trl.DPOTrainer._compute_loss(trainer, model, batch, False)  # TRL's own loss, same batch
+        dpo_margins = trainer._metrics["eval"]["rewards/margins"][-1]
+    assert abs(ours.item() - torch.log(torch.tensor(2.0)).item()) > 1e-4
+    torch.testing.assert_close(ours, dpo, rtol=1e-5, atol=1e-6)
+    assert margins == pytest.approx(dpo_margins, rel=1e-4, abs=1e-6)
+
+
+def test_kl_and_activation_masks_change_the_loss(tmp_path):
+    trainer = make(tmp_path, "sparse_delta", mask_type="activation", bf16=False, max_steps=2)
+    trainer.train()
+    batch = batch_of(trainer)
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, batch)
+        dpo = trl.DPOTrainer._compute_loss(trainer, trainer.model, batch, False)
+    assert torch.isfinite(ours) and not torch.allclose(ours, dpo)
+    density = trainer._metrics["eval"]["mask/density"][-1]
+    assert 0 < density < 1
+
+
+def test_activation_mask_is_scaled_per_completion():
+    torch.manual_seed(0)
+    hidden = tuple(torch.randn(3, 7, 5) for _ in range(3))
+    completion = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]).float()
+    mask = activation_mask(hidden, completion)
+    assert mask.shape == completion.shape and not mask.requires_grad
+    assert torch.all(mask[completion == 0] == 0)
+    for row, keep in zip(mask, completion.bool(), strict=True):
+        assert row[keep].min().item() == 0.0 and row[keep].max().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", [*SPARSE_METHODS, "lora"])
+def test_sparsepo_trains_every_adapter(tmp_path, method):
+    mask = "learned" if method in ("sora", "s2ft", "lora") else "activation"
+    sharing = "independent" if method == "s2ft" else "shared"
+    trainer = make(tmp_path, method, mask_type=mask, mask_sharing=sharing, mask_l1_reward=0.1, mask_l1_kl=0.1)
+    before = snapshot(trainer.model)
+    nets = {n: p.detach().clone() for n, p in trainer.mask_networks.named_parameters()}
+    trainer.train()
+    assert_only_adapter_changed(before, snapshot(trainer.model), "default")
+    logs = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
+    for key in (
+        "mask/density",
+        "mask/chosen_mean",
+        "mask/rejected_mean",
+        "rewards/margins",
+        "rewards/accuracies",
+    ):
+        assert key in logs and torch.isfinite(torch.tensor(logs[key])), key
+    if mask == "learned":
+        assert len(trainer.mask_networks) == (2 if sharing == "independent" else 1)
+        assert any(not torch.equal(p, nets[n]) for n, p in trainer.mask_networks.named_parameters())
+        if sharing == "independent":
+            assert "mask/kl_density" in logs
+        trainer.save_model(str(tmp_path / "out"))
+        saved = torch.load(tmp_path / "out" / "sparsepo_masks.pt")
+        assert set(saved) == set(trainer.mask_networks.state_dict())
+    if method in ("sora", "group_sparse_lora"):
+        assert "sparsity/active_fraction" in logs  # SparseUpdateCallback runs under SparsePOTrainer too
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"mask_type": "attention"}, "mask_type"),
+        ({"mask_sharing": "both"}, "mask_sharing"),
+        ({"loss_type": "ipo"}, "loss_type"),
+        ({"mask_l1_reward": -1.0}, ">= 0"),
+        ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        SparsePOConfig(output_dir=str(tmp_path), use_cpu=True, **bad)
+
+
+def test_needs_its_config(tmp_path):
+    with pytest.raises(TypeError, match="SparsePOConfig"):
+        SparsePOTrainer(
+            model=tiny_llama(0),
+            args=trl.DPOConfig(output_dir=str(tmp_path), **COMMON),
+            train_dataset=preference_dataset(),
+            processing_class=word_tokenizer(),
+            peft_config=adapter_configs()["sora"],
+        )
