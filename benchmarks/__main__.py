@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ from .train_step import (
 )
 
 QUICK = {"sizes": ["quick"], "r": 8, "warmup": 2, "steps": 2, "rounds": 1}
-FULL = {"sizes": ["100m"], "r": 16, "warmup": 2, "steps": 3, "rounds": 3}
+FULL = {"sizes": ["20m", "100m", "400m"], "r": 16, "warmup": 2, "steps": 3, "rounds": 2}
 
 
 def _count(text: str) -> int:
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="docs/benchmarks.md", help="markdown file to write")
     parser.add_argument("--results", default=None, help="JSON results file (default: --out with .json)")
     parser.add_argument(
-        "--sizes", nargs="+", choices=sorted(SIZES), help="model sizes (default: 100m; quick)"
+        "--sizes", nargs="+", choices=sorted(SIZES), help="model sizes (default: 20m 100m 400m; quick)"
     )
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="methods (default: all)")
     parser.add_argument(
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rounds",
         type=_count,
-        help="fresh processes per method, in rotating order; steps pooled (default: 3; quick 1)",
+        help="fresh processes per method, in rotating order; steps pooled (default: 2; quick 1)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per process; 0: torch's default (default: 1)"
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per method")
     parser.add_argument("--report-only", action="store_true", help="re-render --out from existing --results")
+    parser.add_argument(
+        "--no-sections", action="store_true", help="skip the adapter-file/switch and kernel sections"
+    )
     return parser
 
 
@@ -165,6 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("    " + report.one_line(records[method][-1]), flush=True)
         results = [combine_rounds(records[m]) for m in methods]
         data["runs"].append({"spec": asdict(spec), "description": spec.describe(), "results": results})
+    if not args.no_sections:
+        for name in report.SECTIONS:  # adapter files / switching / first token, kernels: JSON beside the report
+            print(f"[{name}] ...", flush=True)
+            module = importlib.import_module(f"benchmarks.{name}")
+            section_argv = ["--out", str(out.parent / f"{name}.json")] + (["--quick"] if args.quick else [])
+            if module.main(section_argv) != 0:
+                print(f"section {name} reported failures", file=sys.stderr)
     if hasattr(os, "getloadavg"):
         data["meta"]["loadavg_end"] = list(os.getloadavg())
     data["meta"]["wall_s"] = (dt.datetime.now(dt.UTC) - started).total_seconds()

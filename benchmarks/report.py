@@ -7,6 +7,7 @@ comes from the JSON; nothing is written by hand.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,17 @@ from pathlib import Path
 from typing import Any
 
 MIB = 2**20
-OURS = ("sparse_delta_fused", "sparse_delta_separate")
+OURS = ("sparse_delta_fused", "sparse_delta_separate", "sparse_delta_dynamic", "s2ft")
+"""Our sparse adapters: judged against the memory and time targets."""
+SECTIONS = ("adapters", "kernels")
+"""Other benchmark modules whose ``docs/<name>.json`` is rendered after the training-step tables, in this order."""
+LINKED_DOCS = (
+    ("quality.md", "held-out quality of every method on the skills task"),
+    ("sparsepo.md", "DPO vs SparsePO on a generated preference task"),
+    ("sparse_masks.md", "static vs dynamic sparse masks (accuracy at equal density)"),
+    ("sora_group_sparse.md", "SoRA / group-sparse LoRA sparsity and export"),
+)
+PLOTS = ("benchmarks_time.png", "benchmarks_memory.png")
 
 # issue 2, item 5
 PEAK_VS_LORA = 1.10
@@ -180,8 +191,89 @@ def _targets(run: dict[str, Any], on_gpu: bool) -> list[str]:
     return lines
 
 
-def render(data: dict[str, Any]) -> str:
-    """The whole markdown document."""
+def _render_section(name: str, data: dict[str, Any]) -> str:
+    module = importlib.import_module(f"benchmarks.{name}")
+    return module.render(data)
+
+
+def _scaling(runs: list[dict[str, Any]]) -> list[str]:
+    """Time and step-memory ratios to LoRA per method across model sizes (the plots show the same)."""
+    sizes = [run["spec"]["name"] for run in runs]
+    methods = [r["method"] for r in runs[0]["results"]]
+    labels = {r["method"]: r["label"] for r in runs[0]["results"]}
+    lines = [
+        "## Scaling with model size (ratios to PEFT LoRA)",
+        "",
+        f"![step time vs model size]({PLOTS[0]}) ![step memory vs model size]({PLOTS[1]})",
+        "",
+        "| method | " + " | ".join(f"{s}: time / mem" for s in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
+    for m in methods:
+        cells = []
+        for run in runs:
+            recs = by_method(run)
+            lora, rec = recs.get("lora"), recs.get(m)
+            if not lora or not rec:
+                cells.append("n/a")
+                continue
+            cells.append(
+                f"{rec['median_step_s'] / lora['median_step_s']:.2f} / "
+                f"{rec['model_and_step_bytes'] / lora['model_and_step_bytes']:.2f}"
+            )
+        lines.append(f"| {labels[m]} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Memory here is *model + step* (peak minus the memory before the model was built). Full fine-tuning's "
+        "ratio grows with model size (gradients and Adam state for every weight); the adapters' stay near 1.",
+        "",
+    ]
+    return lines
+
+
+def plot(data: dict[str, Any], directory: str | Path) -> list[Path]:
+    """PNG plots of step time and memory ratios to LoRA against model size (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = data["runs"]
+    totals = [next(iter(by_method(run).values()))["total_params"] / 1e6 for run in runs]
+    written = []
+    for name, key, title in (
+        (PLOTS[0], "median_step_s", "training step time / PEFT LoRA"),
+        (PLOTS[1], "model_and_step_bytes", "model + step memory / PEFT LoRA"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for r in runs[0]["results"]:
+            ys = []
+            for run in runs:
+                recs = by_method(run)
+                lora, rec = recs.get("lora"), recs.get(r["method"])
+                ys.append(rec[key] / lora[key] if lora and rec else float("nan"))
+            style = "-o" if r.get("ours") else "--s"
+            ax.plot(totals, ys, style, label=r["label"])
+        ax.set_xscale("log")
+        ax.set_xlabel("model parameters (millions)")
+        ax.set_ylabel("ratio to PEFT LoRA")
+        ax.set_title(f"{title} ({data['meta']['date']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(directory) / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def render(
+    data: dict[str, Any],
+    sections: dict[str, dict[str, Any]] | None = None,
+    linked: Sequence[str] | None = None,
+) -> str:
+    """The whole markdown document: training-step tables, then ``sections`` (name -> JSON), then links."""
     meta, settings = data["meta"], data["settings"]
     on_gpu = "gpu" in meta
     device = (
@@ -236,6 +328,8 @@ def render(data: dict[str, Any]) -> str:
         "three.",
         "",
     ]
+    if len(data["runs"]) > 1:
+        lines += _scaling(data["runs"])
     for run in data["runs"]:
         recs = by_method(run)
         total = next((r["total_params"] for r in recs.values()), 0)
@@ -251,6 +345,11 @@ def render(data: dict[str, Any]) -> str:
             *_targets(run, on_gpu),
             "",
         ]
+    for name, section in (sections or {}).items():
+        lines += [_render_section(name, section)]
+    present = [(doc, what) for doc, what in LINKED_DOCS if doc in (linked or ())]
+    if present:
+        lines += ["## More figures", ""] + [f"- [{doc}]({doc}): {what}" for doc, what in present] + [""]
     lines += [
         "## Regenerate",
         "",
@@ -263,10 +362,20 @@ def render(data: dict[str, Any]) -> str:
 
 
 def write(data: dict[str, Any], out: str | Path) -> Path:
-    """Render ``data`` into the markdown file ``out``."""
+    """Render ``data`` into ``out``, with every section JSON and linked doc found beside it, and the plots."""
+    import json
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(data))
+    sections = {
+        name: json.loads((out.parent / f"{name}.json").read_text())
+        for name in SECTIONS
+        if (out.parent / f"{name}.json").exists()
+    }
+    linked = [doc for doc, _ in LINKED_DOCS if (out.parent / doc).exists()]
+    if len(data["runs"]) > 1:
+        plot(data, out.parent)
+    out.write_text(render(data, sections, linked))
     return out
 
 
