@@ -144,3 +144,16 @@ def test_needs_its_config(tmp_path):
             processing_class=word_tokenizer(),
             peft_config=adapter_configs()["sora"],
         )
+
+
+def test_benchmark_section_renders_the_committed_results():
+    import json
+    from pathlib import Path
+
+    from benchmarks import sparsepo
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "docs/sparsepo.json").read_text())
+    text = sparsepo.render(data)
+    assert data["command"] in text and data["machine"] in text and data["date"] in text
+    for method in sparsepo.METHODS:
+        assert f"| {method} |" in text
