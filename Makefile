@@ -22,8 +22,14 @@ setup: $(STAMP)
 quickstart: setup
 	HF_HUB_OFFLINE=1 $(BIN)/sparse-peft quickstart
 
+# Debian chromium for the demo's browser test (skipped with a reason where it cannot be installed).
 test-setup: setup
 	$(BIN)/python -m tests.peft_upstream --fetch
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; the browser test will be skipped"; \
+	  else echo "warning: chromium missing and apt-get unavailable; the browser test will be skipped"; fi; }
 
 test: test-setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -23,7 +23,7 @@ def _error_text(exc: Exception) -> str:
     return f"**Error:** {exc}" if isinstance(exc, DemoError) else f"**Error:** {type(exc).__name__}: {exc}"
 
 
-def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str = DEFAULT_PROMPT) -> gr.Blocks:
+def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str | None = None) -> gr.Blocks:
     """The demo on the adapters in ``adapters_dir`` (and base ``model``, else the manifest's / adapters')."""
     holder: dict[str, DemoState | None] = {"state": None}
     load_message = ""
@@ -91,6 +91,7 @@ def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str = 
         )
 
     initial = holder["state"]
+    prompt = prompt or (initial.example_prompt if initial else None) or DEFAULT_PROMPT
     choices = initial.choices if initial else [BASE]
     names = initial.names if initial else []
     first = names[0] if names else BASE

@@ -36,8 +36,8 @@ class AdapterEntry:
     error: str | None = None
 
 
-def discover(adapters_dir: str | Path) -> tuple[dict[str, AdapterEntry], str | None]:
-    """Adapters in ``adapters_dir`` and the base model the manifest names (if any)."""
+def discover(adapters_dir: str | Path) -> tuple[dict[str, AdapterEntry], dict[str, Any]]:
+    """Adapters in ``adapters_dir`` and the manifest (base model, example prompt), if there is one."""
     root = Path(adapters_dir).expanduser()
     if not root.is_dir():
         raise DemoError(
@@ -45,11 +45,10 @@ def discover(adapters_dir: str | Path) -> tuple[dict[str, AdapterEntry], str | N
             "--adapters DIR with folders holding adapter_config.json."
         )
     manifest = root / "manifest.json"
-    base = None
+    data: dict[str, Any] = {}
     entries: dict[str, AdapterEntry] = {}
     if manifest.is_file():
         data = json.loads(manifest.read_text())
-        base = data.get("base_model")
         for name, rel in data.get("adapters", {}).items():
             entries[name] = AdapterEntry(name, (root / rel).resolve())
     else:
@@ -61,7 +60,7 @@ def discover(adapters_dir: str | Path) -> tuple[dict[str, AdapterEntry], str | N
             entries[root.name] = AdapterEntry(root.name, root)
     if not entries:
         raise DemoError(f"No adapters in {str(root)!r}: no folder with adapter_config.json found.")
-    return entries, base
+    return entries, data
 
 
 @dataclass
@@ -73,12 +72,14 @@ class DemoState:
     tokenizer: Any
     entries: dict[str, AdapterEntry]
     switchers: dict[str, AdapterSwitcher] = field(default_factory=dict)  # peft type -> switcher
+    example_prompt: str | None = None
 
     @classmethod
     def load(cls, adapters_dir: str | Path, model: str | None = None) -> DemoState:
         from transformers import AutoTokenizer
 
-        entries, manifest_base = discover(adapters_dir)
+        entries, manifest = discover(adapters_dir)
+        manifest_base = manifest.get("base_model")
         for entry in entries.values():
             try:
                 entry.peft_type = str(PeftConfig.from_pretrained(entry.path).peft_type.value)
@@ -94,7 +95,7 @@ class DemoState:
             tokenizer = AutoTokenizer.from_pretrained(base)
         except Exception as exc:  # noqa: BLE001
             raise DemoError(f"Cannot load the tokenizer of base model {base!r}: {exc}") from exc
-        state = cls(Path(adapters_dir), str(base), tokenizer, entries)
+        state = cls(Path(adapters_dir), str(base), tokenizer, entries, example_prompt=manifest.get("example_prompt"))
         for entry in entries.values():
             if not entry.error:
                 state._attach(entry)

@@ -1,4 +1,4 @@
-"""``sparse-peft quickstart``: the README's main job (interim version; issue 7 replaces it)."""
+"""``sparse-peft quickstart``: the README's main job: train, evaluate, compose, merge, then serve the demo."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     quick.add_argument("--steps", type=positive_int, default=150, help="training steps (default: 150)")
     quick.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     quick.add_argument("--no-demo", action="store_true", help="do not start the demo afterwards")
+    quick.add_argument("--host", default="127.0.0.1", help="demo address (default: 127.0.0.1)")
+    quick.add_argument("--port", type=positive_int, default=7860, help="demo port (default: 7860)")
     quick.set_defaults(func=run)
 
 
@@ -28,5 +30,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_quickstart(args.output, steps=args.steps, seed=args.seed)
     print(format_result(result, args.output))
     if not args.no_demo:
-        print("The Gradio demo is not part of this release yet; rerun with --no-demo to silence this note.")
+        from demo.app import serve
+
+        print(f"Serving the demo on http://{args.host}:{args.port} (Ctrl+C to stop) ...", flush=True)
+        serve(args.output, host=args.host, port=args.port)
     return 0
