@@ -6,9 +6,10 @@ from functools import partial
 
 import pytest
 import torch
-from contract import ARCHS, Arch, Batch, TunerCase, TunerContract, logits
+from contract import ARCHS, Arch, TunerCase, TunerContract, logits
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from test_sparse_delta_contract import calibrate  # S2FT layers are sparse-delta layers: the same helper
 from transformers import (
     GemmaConfig,
     GPT2Config,
@@ -33,19 +34,6 @@ def s2ft(arch: Arch, *, init_weights: bool, variant: int = 0, attention_only: bo
     if attention_only:
         kwargs.update(target_modules=[ATTENTION_ROLES[arch.name]], layers_to_transform=[1])
     return S2FTConfig(init_weights=init_weights, seed=variant, **kwargs)
-
-
-def calibrate(model: PeftModel, adapter_name: str, batches: list[Batch]) -> None:
-    """Activation/gradient selection from the batches; then non-zero values again if the config asked for them."""
-    select_masks(model, batches, adapter_name=adapter_name)
-    if model.peft_config[adapter_name].init_weights:
-        return
-    gen = torch.Generator().manual_seed(len(adapter_name))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, S2FTLinear) and adapter_name in module.sparse_delta_values:
-                values = module.sparse_delta_values[adapter_name]
-                values.copy_(torch.randn(values.shape, generator=gen) * 0.1)
 
 
 class TestS2FTContract(TunerContract):

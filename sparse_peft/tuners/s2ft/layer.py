@@ -108,19 +108,8 @@ class S2FTLinear(SparseDeltaLinear):
     def channels(self, adapter_name: str) -> torch.Tensor:
         return self.s2ft_channels[adapter_name].long()
 
-    def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        base = self.get_base_layer()
-        return triton_ops.fused_sparse_linear(
-            self._cast_input_dtype(x, base.weight.dtype),
-            base.weight,
-            base.bias,
-            self.sparse_delta_values[name],
-            self.sparse_delta_indices[name],
-            self.scaling[name],
-            self.fan_in_fan_out,
-            axis=self.s2ft_axis,
-            channels=self.channels(name),
-        )
+    def _structure(self, name: str) -> dict[str, Any]:
+        return {"axis": self.s2ft_axis, "channels": self.channels(name)}
 
     def _delta_forward(self, name: str, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return triton_ops.structured_delta_linear(

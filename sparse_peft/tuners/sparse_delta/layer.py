@@ -288,7 +288,12 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer):
             self.sparse_delta_indices[name],
             self.scaling[name],
             self.fan_in_fan_out,
+            **self._structure(name),
         )
+
+    def _structure(self, name: str) -> dict[str, Any]:
+        """Extra arguments of the fused kernel for a structured support (none for an unstructured one)."""
+        return {}
 
     def _delta_forward(self, name: str, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """The delta's own output (separate path); structured subclasses compute it densely on their slice."""
