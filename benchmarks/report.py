@@ -17,8 +17,10 @@ from typing import Any
 MIB = 2**20
 OURS = ("sparse_delta_fused", "sparse_delta_separate", "sparse_delta_dynamic", "s2ft")
 """Our sparse adapters: judged against the memory and time targets."""
-SECTIONS = ("adapters", "kernels")
+SECTIONS = ("adapters", "kernels", "sparsepo")
 """Other benchmark modules whose ``docs/<name>.json`` is rendered after the training-step tables, in this order."""
+RUN_SECTIONS = ("adapters", "kernels")
+"""The sections ``python -m benchmarks`` measures itself (``python -m benchmarks.sparsepo`` runs on its own)."""
 LINKED_DOCS = (
     ("quality.md", "held-out quality of every method on the skills task"),
     ("sparsepo.md", "DPO vs SparsePO on a generated preference task"),

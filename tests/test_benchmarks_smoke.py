@@ -47,7 +47,7 @@ def test_quick_run_reports_every_method(quick_run: tuple[dict[str, Any], Path]) 
     for name, method in METHODS.items():
         assert method.label in markdown, name
     assert "Targets (issue 2, item 5)" in markdown and data["meta"]["command"] in markdown
-    sections = {name: json.loads((out.parent / f"{name}.json").read_text()) for name in report.SECTIONS}
+    sections = {name: json.loads((out.parent / f"{name}.json").read_text()) for name in report.RUN_SECTIONS}
     assert markdown == report.render(data, sections), "the markdown must be generated from the JSON alone"
 
 

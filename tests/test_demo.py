@@ -231,7 +231,6 @@ def test_cli_demo_refuses_a_missing_directory(tmp_path):
 def test_quickstart_output_is_served_with_its_skills(tmp_path):
     """The README's first command: quickstart writes a manifest the demo serves, and the skill adapters answer."""
     from demo.state import DemoState
-
     from sparse_peft.quickstart import SKILLS, run_quickstart, successor_table
 
     result = run_quickstart(tmp_path, steps=60)

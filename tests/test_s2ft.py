@@ -311,3 +311,15 @@ def test_compose_masks_and_switching_use_the_sparse_delta_core():
         model.unmerge_adapter()
     with model.disable_adapter():
         assert torch.equal(logits(model, batch), base)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_autocast_forward_backward(fused):
+    """TRL trains under bf16 autocast by default (also on CPU): half output grads meet fp32 saved inputs."""
+    model = get_peft_model(_tiny(), S2FTConfig(heads_ratio=0.5, channels_ratio=0.25, fused=fused, init_weights=False))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**ARCHS["llama"].batch()).loss
+    loss.backward()
+    grads = [m.sparse_delta_values["default"].grad for m in model.modules() if isinstance(m, S2FTLinear)]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -154,12 +154,33 @@ def test_trainer_drives_gates_logs_sparsity_and_resumes(tmp_path):
 
 
 def test_plain_callback_warns_about_weight_decay_on_gates(tmp_path):
+    """Without `import trainers` (which keeps gates out of weight decay), a plain callback warns about it."""
+    import trainers
+
+    trainers.uninstall()
+    try:
+        trainer = _trainer(tmp_path, callbacks=[SparseUpdateCallback()], max_steps=1, save_strategy="no")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+    finally:
+        trainers.install()
+    assert any("weight decay" in str(w.message) for w in caught)
+    assert "sparsity/active" in trainer.state.log_history[0]
+
+
+def test_installed_integration_keeps_gates_out_of_weight_decay(tmp_path):
+    import trainers
+
+    assert trainers.installed()
     trainer = _trainer(tmp_path, callbacks=[SparseUpdateCallback()], max_steps=1, save_strategy="no")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
-    assert any("weight decay" in str(w.message) for w in caught)
-    assert "sparsity/active" in trainer.state.log_history[0]
+    assert not any("weight decay" in str(w.message) for w in caught)
+    gates = {id(p) for n, p in trainer.model.named_parameters() if "sora_gate" in n}
+    decayed = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert gates and not gates & decayed
 
 
 def test_trl_dpo_trains_default_and_leaves_the_ref_adapter_alone(tmp_path):

@@ -35,7 +35,6 @@ COMMON = dict(
 def make(tmp_path, method: str = "sora", **config) -> SparsePOTrainer:
     settings = {
         **COMMON,
-        **({"bf16": False} if method == "s2ft" else {}),
         **config,
     }  # s2ft: see test_trl_trainers
     return SparsePOTrainer(

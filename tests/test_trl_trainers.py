@@ -44,13 +44,6 @@ FORMATS = {  # every TRL SFT format, each with more than one adapter type
 }
 
 
-def precision(method: str) -> dict[str, bool]:
-    """TRL defaults to bf16 autocast (also on CPU), which every adapter must survive. S2FT's structured kernel
-    (triton_ops/structured.py, not this issue's file) still mixes bf16 output grads with fp32 saved inputs under
-    autocast: reported to its owner; until fixed S2FT runs these tests in fp32."""
-    return {"bf16": False} if method == "s2ft" else {}
-
-
 def callbacks(trainer) -> list[SparseUpdateCallback]:
     return [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SparseUpdateCallback)]
 
@@ -66,7 +59,7 @@ def check_logs(trainer, method: str) -> None:
 
 @pytest.mark.parametrize("method", SPARSE_METHODS)
 def test_sft_trainer_with_peft_config(tmp_path, method):
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_length=16, **COMMON, **precision(method))
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_length=16, **COMMON)
     trainer = trl.SFTTrainer(
         model=tiny_llama(0),
         args=args,
@@ -87,7 +80,7 @@ def test_sft_trainer_with_peft_config(tmp_path, method):
 def test_dpo_trainer_with_peft_config_reference_is_the_base(tmp_path, method):
     base = tiny_llama(0)
     reference = copy.deepcopy(base)
-    args = trl.DPOConfig(output_dir=str(tmp_path), max_length=16, **COMMON, **precision(method))
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_length=16, **COMMON)
     trainer = trl.DPOTrainer(
         model=base,
         args=args,
@@ -122,7 +115,7 @@ def test_dpo_trainer_pre_wrapped_copies_the_adapter_into_ref(tmp_path, method):
             if ".default" in name:
                 p.add_(torch.randn_like(p) * 0.05)
     trained = {n: t for n, t in snapshot(model).items() if ".default" in n}
-    args = trl.DPOConfig(output_dir=str(tmp_path), max_length=16, **COMMON, **precision(method))
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_length=16, **COMMON)
     trainer = trl.DPOTrainer(
         model=model, args=args, train_dataset=preference_dataset(), processing_class=word_tokenizer()
     )
@@ -133,3 +126,21 @@ def test_dpo_trainer_pre_wrapped_copies_the_adapter_into_ref(tmp_path, method):
     trainer.train()
     end = snapshot(trainer.model)
     assert_only_adapter_changed(start, end, "default")  # the `ref` adapter is frozen
+
+
+def test_explicit_callback_and_automatic_one_never_both_run(tmp_path):
+    """``callbacks=[SparseUpdateCallback()]`` (the pre-install way) next to the automatic instance: one runs."""
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_length=16, **{**COMMON, "max_steps": 2})
+    explicit = SparseUpdateCallback()
+    trainer = trl.SFTTrainer(
+        model=tiny_llama(0),
+        args=args,
+        train_dataset=sft_dataset("text"),
+        processing_class=word_tokenizer(),
+        peft_config=adapter_configs()["sora"],
+        callbacks=[explicit],
+    )
+    assert len(callbacks(trainer)) == 2
+    trainer.train()
+    assert [cb for cb in callbacks(trainer) if cb._active] == [explicit]
+    assert "sparsity/active_fraction" in trainer.state.log_history[0]

@@ -146,6 +146,7 @@ class DynamicMaskHook(SparseHook):
 
 _HOOKS: list[Callable[[], SparseHook]] = [ProximalHook, DynamicMaskHook]
 HOOK_STATE_FILE = "sparse_peft_hooks.pt"
+_PEERS = "_sparse_update_callbacks"  # TrainerState attribute (not a dataclass field, so never serialised)
 
 
 def register_hook(factory: Callable[[], SparseHook]) -> None:
@@ -197,15 +198,21 @@ class SparseUpdateCallback(TrainerCallback):
     resuming from a checkpoint continues exactly.
     """
 
+    # True for the instance `import trainers` adds to every Trainer (see trainers.integration)
+    auto: bool = False
+
     def __init__(self, hooks: Sequence[SparseHook] | None = None) -> None:
         self.hooks: list[SparseHook] = list(hooks) if hooks is not None else registered_hooks()
+        self._started = False
+        self._active = False
 
     # ------------------------------------------------------------------------------------------------ set-up
     @classmethod
     def attach(cls, trainer: Trainer, hooks: Sequence[SparseHook] | None = None) -> SparseUpdateCallback:
         """Add the callback to ``trainer`` ahead of the reporting callbacks and exclude gates from weight decay."""
         existing = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SparseUpdateCallback)]
-        for cb in existing:  # e.g. the one install_default_callback() added: never run the hooks twice
+        # e.g. the one `import trainers` added to every Trainer: never run the hooks twice
+        for cb in existing:
             trainer.callback_handler.callbacks.remove(cb)
         callback = cls(hooks) if hooks is not None or not existing else existing[0]
         trainer.callback_handler.callbacks.insert(0, callback)
@@ -227,26 +234,51 @@ class SparseUpdateCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        # Several instances may sit in one Trainer (the automatic one plus one passed in `callbacks=[...]`): they
+        # register here and, at their first event, elect one (an explicit one before the automatic one) to run the
+        # hooks, so no proximal step or reselection ever happens twice.
+        self._started = self._active = False
+        state.__dict__.setdefault(_PEERS, []).append(self)
+
+    def _start(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> bool:
+        """Elect the active instance once per run and, if it is this one, start its hooks."""
+        if self._started:
+            return self._active
+        self._started = True
+        peers = state.__dict__.get(_PEERS)
+        if not peers:  # events driven by hand, without on_train_begin: nothing to elect or start
+            self._active = True
+            return True
+        explicit = [p for p in peers if not p.auto]
+        self._active = self is (explicit[0] if explicit else peers[0])
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
-        if model is None:
-            return
+        if not self._active or model is None:
+            return self._active
         decayed = _decayed(optimizer, no_weight_decay_parameters(model))
         if decayed:
             warnings.warn(
                 f"{len(decayed)} SoRA gate tensors are in an optimizer group with weight decay, which adds an L2 pull "
                 "to their L1 proximal step. Use SparseUpdateCallback.attach(trainer) instead of callbacks=[...], or "
                 "build the optimizer with sparse_peft.proximal.param_groups(model, weight_decay).",
-                stacklevel=2,
+                stacklevel=3,
             )
         saved = _load_hook_state(args, state)
         for hook in self.hooks:
             hook.on_train_begin(model, optimizer)
             hook.on_resume(model, state.global_step, saved.get(hook.name))
+        return True
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._start(args, state, kwargs)  # before the first forward/backward: gradient hooks must be in place
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Write the hooks' own state next to the Trainer's checkpoint, so resuming continues exactly."""
+        if not self._start(args, state, kwargs):
+            return
         hook_state = {hook.name: hook.state_dict() for hook in self.hooks if hook.state_dict() is not None}
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if hook_state and folder.is_dir() and state.is_world_process_zero:
@@ -255,6 +287,8 @@ class SparseUpdateCallback(TrainerCallback):
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if not self._start(args, state, kwargs):
+            return
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         if model is None or optimizer is None or getattr(optimizer, "step_was_skipped", False):
             return  # e.g. fp16 overflow: no update was made, so no proximal step either
@@ -266,7 +300,7 @@ class SparseUpdateCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model = kwargs.get("model")
-        if model is None:
+        if not self._start(args, state, kwargs) or model is None:
             return
         for hook in self.hooks:
             hook.on_step_end(model, state.global_step, state.max_steps or None)
@@ -280,7 +314,7 @@ class SparseUpdateCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         model = kwargs.get("model")
-        if model is None or logs is None:
+        if not self._start(args, state, kwargs) or model is None or logs is None:
             return
         extra: dict[str, float] = {}
         for hook in self.hooks:

@@ -20,7 +20,7 @@ from sparse_peft.proximal import no_weight_decay_parameters
 
 from .callbacks import SparseHook, SparseUpdateCallback
 
-__all__ = ["attach", "install", "installed", "uninstall"]
+__all__ = ["AutoSparseUpdateCallback", "attach", "install", "installed", "uninstall"]
 
 _ORIGINAL_DECAY = Trainer.get_decay_parameter_names
 
@@ -35,23 +35,29 @@ def _decay_without_gates(self: Trainer, model: nn.Module) -> list[str]:
     return [n for n in names if n not in skip]
 
 
+class AutoSparseUpdateCallback(SparseUpdateCallback):
+    """The instance every Trainer gets from transformers' default callbacks; an explicit one takes precedence."""
+
+    auto = True
+
+
 def install() -> None:
     """Make every Trainer built from now on run SparseUpdateCallback and keep gates out of weight decay (idempotent)."""
-    if SparseUpdateCallback not in hf_trainer.DEFAULT_CALLBACKS:
-        hf_trainer.DEFAULT_CALLBACKS.append(SparseUpdateCallback)
+    if AutoSparseUpdateCallback not in hf_trainer.DEFAULT_CALLBACKS:
+        hf_trainer.DEFAULT_CALLBACKS.append(AutoSparseUpdateCallback)
     Trainer.get_decay_parameter_names = _decay_without_gates  # type: ignore[method-assign]
 
 
 def uninstall() -> None:
     """Undo :func:`install` (trainers built afterwards need :func:`attach`)."""
-    while SparseUpdateCallback in hf_trainer.DEFAULT_CALLBACKS:
-        hf_trainer.DEFAULT_CALLBACKS.remove(SparseUpdateCallback)
+    while AutoSparseUpdateCallback in hf_trainer.DEFAULT_CALLBACKS:
+        hf_trainer.DEFAULT_CALLBACKS.remove(AutoSparseUpdateCallback)
     Trainer.get_decay_parameter_names = _ORIGINAL_DECAY  # type: ignore[method-assign]
 
 
 def installed() -> bool:
     """Whether new Trainers get the callback automatically."""
-    return SparseUpdateCallback in hf_trainer.DEFAULT_CALLBACKS
+    return AutoSparseUpdateCallback in hf_trainer.DEFAULT_CALLBACKS
 
 
 def attach(trainer: Trainer, hooks: Sequence[SparseHook] | None = None) -> SparseUpdateCallback:

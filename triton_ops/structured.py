@@ -50,7 +50,8 @@ def slice_values_grad(
     if not input_side(axis, fan_in_fan_out):
         dy2 = dy2[:, channels]
     a, b = (x2, dy2) if fan_in_fan_out else (dy2, x2)
-    return (a.t() @ b).reshape(-1)
+    dtype = torch.promote_types(a.dtype, b.dtype)  # under autocast dy is half while the saved input may not be
+    return (a.t().to(dtype) @ b.to(dtype)).reshape(-1)
 
 
 def structured_delta_linear(
