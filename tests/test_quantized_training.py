@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from sparse_peft.quickstart import tiny_llama
 from tests.trl_helpers import (
     SPARSE_METHODS,
+    TRAIN_ARGS,
     adapter_configs,
     assert_only_adapter_changed,
     preference_dataset,
@@ -21,17 +22,7 @@ from tests.trl_helpers import (
     word_tokenizer,
 )
 
-ARGS = dict(
-    max_steps=2,
-    learning_rate=3e-2,
-    per_device_train_batch_size=4,
-    report_to=[],
-    use_cpu=True,
-    disable_tqdm=True,
-    save_strategy="no",
-    max_length=16,
-    bf16=False,
-)
+ARGS = {**TRAIN_ARGS, "max_steps": 2, "max_length": 16, "bf16": False}
 
 
 @pytest.fixture(scope="module")

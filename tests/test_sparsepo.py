@@ -10,6 +10,7 @@ import trl
 from sparse_peft.quickstart import tiny_llama
 from tests.trl_helpers import (
     SPARSE_METHODS,
+    TRAIN_ARGS,
     adapter_configs,
     assert_only_adapter_changed,
     preference_dataset,
@@ -18,18 +19,7 @@ from tests.trl_helpers import (
 )
 from trainers import SparsePOConfig, SparsePOTrainer, activation_mask
 
-COMMON = dict(
-    max_steps=3,
-    learning_rate=3e-2,
-    per_device_train_batch_size=4,
-    report_to=[],
-    use_cpu=True,
-    disable_tqdm=True,
-    logging_steps=1,
-    save_strategy="no",
-    seed=0,
-    max_length=16,
-)
+COMMON = {**TRAIN_ARGS, "max_length": 16}
 
 
 def make(tmp_path, method: str = "sora", **config) -> SparsePOTrainer:

@@ -15,6 +15,7 @@ import trainers
 from sparse_peft.quickstart import tiny_llama
 from tests.trl_helpers import (
     SPARSE_METHODS,
+    TRAIN_ARGS,
     adapter_configs,
     assert_only_adapter_changed,
     preference_dataset,
@@ -24,17 +25,7 @@ from tests.trl_helpers import (
 )
 from trainers import SparseUpdateCallback
 
-COMMON = dict(
-    max_steps=3,
-    learning_rate=3e-2,
-    per_device_train_batch_size=4,
-    report_to=[],
-    use_cpu=True,
-    disable_tqdm=True,
-    logging_steps=1,
-    save_strategy="no",
-    seed=0,
-)
+COMMON = {**TRAIN_ARGS}
 FORMATS = {  # every TRL SFT format, each with more than one adapter type
     "sparse_delta": "text",
     "sparse_delta_dynamic": "messages",

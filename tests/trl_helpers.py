@@ -105,3 +105,17 @@ def assert_only_adapter_changed(
     assert not stray, f"tensors outside adapter {adapter!r} changed: {stray[:5]}"
     for name in moved:
         assert torch.isfinite(after[name].float()).all(), name
+
+
+TRAIN_ARGS = {
+    "max_steps": 3,
+    "learning_rate": 3e-2,
+    "per_device_train_batch_size": 4,
+    "report_to": [],
+    "use_cpu": True,
+    "disable_tqdm": True,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "seed": 0,
+}
+"""A few quick CPU steps: the TRL arguments every trainer test starts from."""
