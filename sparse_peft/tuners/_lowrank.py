@@ -27,6 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..proximal import LAMBDA_SCHEDULES, LambdaSchedule, ProximalLayer
+from ._twin import twin_adapter
 
 
 @dataclass
@@ -363,17 +364,8 @@ class SparseLowRankModel(BaseTuner):
     def _twin_adapter(
         self, config: SparseLowRankConfig, adapter_name: str, layer: SparseLowRankLayer
     ) -> str | None:
-        """An existing adapter added with this very config object, which a new adapter should start as a copy of.
-
-        TRL's DPO/KTO/GRPO trainers build their reference adapter as ``add_adapter("ref", peft_config["default"])``
-        and then copy only parameters whose names contain ``.default.``, which misses entries of a ParameterDict
-        such as SoRA's gate (``...sora_gate.default``): the reference would keep a fresh gate. The same rule as
-        SPARSE_DELTA's therefore applies: an adapter added with another adapter's own config object is its copy.
-        """
-        for name, other in self.peft_config.items():
-            if other is config and name != adapter_name and name in getattr(layer, layer.a_name):
-                return name
-        return None
+        """The adapter a new one must copy, gate included (TRL's reference adapter; see :func:`twin_adapter`)."""
+        return twin_adapter(self.peft_config, config, adapter_name, getattr(layer, layer.a_name))
 
     def _create_new_module(
         self, config: SparseLowRankConfig, adapter_name: str, target: nn.Module, **kwargs: Any

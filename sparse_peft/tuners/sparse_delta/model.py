@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ...index_codec import decode_indices, encode_indices
 from ...indices import InvalidSparseIndicesError, validate_indices
+from .._twin import twin_adapter
 from .config import SparseDeltaConfig
 from .layer import SparseDeltaLayer, SparseDeltaLinear
 
@@ -83,17 +84,8 @@ class SparseDeltaModel(BaseTuner):
     def _twin_adapter(
         self, config: SparseDeltaConfig, adapter_name: str, layer: SparseDeltaLayer
     ) -> str | None:
-        """An existing adapter added with this very config object, whose support a new adapter should share.
-
-        TRL's DPO/KTO/GRPO trainers create their reference adapter as ``add_adapter("ref", peft_config["default"])``
-        and then copy the parameters whose names contain ``.default.`` — which misses ours (``...values.default``)
-        and would miss the index buffers anyway (moved by dynamic masks, loaded from a file, or composed). So an
-        adapter added with another adapter's own config object starts as an exact copy of it.
-        """
-        for name, other in self.peft_config.items():
-            if other is config and name != adapter_name and name in layer.sparse_delta_indices:
-                return name
-        return None
+        """The adapter a new one must copy (TRL's reference adapter; see :func:`twin_adapter`)."""
+        return twin_adapter(self.peft_config, config, adapter_name, layer.sparse_delta_indices)
 
     @staticmethod
     def _create_new_module(
