@@ -19,7 +19,7 @@ import torch
 from peft import get_peft_model
 
 from sparse_peft import SparseDeltaConfig, extract_sparse_delta
-from sparse_peft.quickstart import chain_batch, evaluate, successor_table, tiny_llama, train_on_task
+from sparse_peft.embedded.toy import chain_batch, evaluate, successor_table, tiny_llama, train_on_task
 
 STEPS = 120
 

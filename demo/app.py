@@ -108,6 +108,12 @@ def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str | 
                 temperature = gr.Slider(0.05, 2.0, value=1.0, label="temperature")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, label="top-p")
                 seed = gr.Number(value=0, precision=0, label="seed")
+            if initial and initial.example_prompts:
+                gr.Examples(
+                    [[prompt, name] for name, prompt in initial.example_prompts.items() if name in choices],
+                    inputs=[prompt_box, adapter],
+                    label="Example prompts (one per skill adapter)",
+                )
             go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Row():
                 base_out = gr.Textbox(label="Base model", elem_id="base-output")

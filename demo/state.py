@@ -73,6 +73,7 @@ class DemoState:
     entries: dict[str, AdapterEntry]
     switchers: dict[str, AdapterSwitcher] = field(default_factory=dict)  # peft type -> switcher
     example_prompt: str | None = None
+    example_prompts: dict[str, str] = field(default_factory=dict)  # adapter name -> a prompt it answers
 
     @classmethod
     def load(cls, adapters_dir: str | Path, model: str | None = None) -> DemoState:
@@ -95,7 +96,14 @@ class DemoState:
             tokenizer = AutoTokenizer.from_pretrained(base)
         except Exception as exc:  # noqa: BLE001
             raise DemoError(f"Cannot load the tokenizer of base model {base!r}: {exc}") from exc
-        state = cls(Path(adapters_dir), str(base), tokenizer, entries, example_prompt=manifest.get("example_prompt"))
+        state = cls(
+            Path(adapters_dir),
+            str(base),
+            tokenizer,
+            entries,
+            example_prompt=manifest.get("example_prompt"),
+            example_prompts=dict(manifest.get("example_prompts", {})),
+        )
         for entry in entries.values():
             if not entry.error:
                 state._attach(entry)

@@ -1,245 +1,181 @@
-"""The README's main job: an end-to-end sparse-delta run on a tiny model built on the spot.
+"""The README's main job, on the embedded default: nothing is downloaded.
 
-Steps: build a small Llama from a config (nothing is downloaded) and save it with a word-level tokenizer; make two
-synthetic next-token skills on disjoint token ranges; for each, pick a gradient-selected sparse delta from
-calibration batches and train it; compare held-out accuracy with the base; compose the two adapters; save,
-reload and merge and check they give the same outputs; write a manifest the demo serves.
+1. Build (or take from the cache) the embedded tiny Llama pretrained on Python's docstrings.
+2. Train one sparse-delta adapter per skill (gradient-selected mask, LoRA r=8 budget) with TRL's SFTTrainer.
+3. Evaluate base and every adapter on every skill: held-out exact match.
+4. Compose two skill adapters with :func:`sparse_peft.compose` and evaluate the composition on both.
+5. Reload one adapter in a fresh model, merge it into the base and check the merged model answers the same.
+6. Write the adapters, ``merged/``, ``results.md``/``results.json`` and the ``manifest.json`` the demo serves.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .compose import compose
-from .dynamic import DynamicMasks, ReselectionStats
-from .selection import select_masks
+from .embedded import SKILLS, exact_match, finetune, skill_dataset, skill_examples, tiny_model_path
+from .embedded.base_model import DEFAULT_RECIPE, BaseModelRecipe
 from .tuners.sparse_delta import SparseDeltaConfig
 
-VOCAB, SEQ_LEN = 64, 12
+COMPOSED = ("reverse", "date")
+"""The two skills whose adapters the quickstart composes."""
 
 
 @dataclass
 class QuickstartResult:
-    base_heldout_loss: float
-    adapter_heldout_loss: float
-    base_heldout_accuracy: float
-    adapter_heldout_accuracy: float
+    """What the quickstart measured; ``accuracy`` is held-out exact match per model row and skill."""
+
+    accuracy: dict[str, dict[str, float]]
+    train_seconds: dict[str, float]
     trainable_params: int
     total_params: int
-    train_seconds: float
-    reload_max_abs_diff: float
+    merged_skill: str
+    merged_same_answers: float
     merge_max_abs_diff: float
     adapter_file_bytes: int
-    accuracy_table: dict[str, dict[str, float]] | None = None
+    test_examples: int
+    base_model: str
+    composed: list[str] = field(default_factory=lambda: list(COMPOSED))
+
+    def gain(self, skill: str) -> float:
+        """Exact-match gain of the skill's own adapter over the base."""
+        return self.accuracy[skill][skill] - self.accuracy["base"][skill]
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A ~0.2M-parameter Llama (with grouped-query attention) built deterministically from a config."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
-def successor_table(seed: int, low: int = 0, high: int = VOCAB) -> torch.Tensor:
-    """The task's hidden rule: a fixed random permutation of the tokens in ``[low, high)`` (others map to
-    themselves), so two skills on disjoint token ranges can be composed."""
-    table = torch.arange(VOCAB)
-    perm = torch.randperm(high - low, generator=torch.Generator().manual_seed(seed + 1))
-    table[low:high] = low + perm
-    return table
-
-
-def chain_batch(
-    n: int, table: torch.Tensor, generator: torch.Generator, low: int = 0, high: int = VOCAB
-) -> dict[str, torch.Tensor]:
-    """Sequences starting in ``[low, high)`` where each token is ``table[previous token]``."""
-    tokens = [torch.randint(low, high, (n,), generator=generator)]
-    for _ in range(SEQ_LEN - 1):
-        tokens.append(table[tokens[-1]])
-    input_ids = torch.stack(tokens, dim=1)
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
-
-
-def tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer for the tiny model: token ``i`` is the word ``t<i>``."""
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", unk_token="t0")
+def adapter_config(seed: int) -> SparseDeltaConfig:
+    """The quickstart's adapter: a sparse delta on every linear layer, LoRA r=8's parameter count, mask chosen by
+    gradient magnitude on two calibration batches."""
+    return SparseDeltaConfig(target_modules="all-linear", r=8, selection="gradient", seed=seed)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """Held-out loss and next-token exact-match accuracy."""
-    model.eval()
-    losses, hits, count = [], 0, 0
-    for batch in batches:
-        out = model(**batch)
-        losses.append(out.loss.item())
-        predicted = out.logits[:, :-1].argmax(-1)
-        hits += (predicted == batch["input_ids"][:, 1:]).sum().item()
-        count += predicted.numel()
-    return sum(losses) / len(losses), hits / count
-
-
-def train_on_task(
-    model: torch.nn.Module,
-    batches: list[dict[str, torch.Tensor]],
-    steps: int,
-    lr: float = 3e-2,
-    progress: bool = False,
-) -> tuple[float, list[ReselectionStats]]:
-    """AdamW on the trainable parameters, cycling through ``batches``; dynamic sparse masks (if the adapter has
-    them) are driven too. Returns the training time in seconds and the reselections made."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    dynamic = DynamicMasks(model, optimizer, total_steps=steps)
-    start = time.perf_counter()
-    model.train()
-    for step in tqdm(range(steps), desc="training sparse delta", disable=not progress):
-        model(**batches[step % len(batches)]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        dynamic.step()
-    dynamic.close()
-    return time.perf_counter() - start, dynamic.history
-
-
-SKILLS = {"rule-low": (0, VOCAB // 2), "rule-high": (VOCAB // 2, VOCAB)}
-"""Two skills on disjoint token ranges: each learns its own successor rule; the composition should do both."""
-
-
-def _skill_data(seed: int, low: int, high: int) -> tuple[list[dict], list[dict]]:
-    gen = torch.Generator().manual_seed(seed + low)
-    table = successor_table(seed + low, low, high)
-    train = [chain_batch(32, table, gen, low, high) for _ in range(8)]
-    heldout = [chain_batch(64, table, gen, low, high) for _ in range(2)]
-    return train, heldout
-
-
-def _train_skill(seed: int, low: int, high: int, steps: int) -> tuple[PeftModel, int, int, float]:
-    train, _ = _skill_data(seed, low, high)
-    config = SparseDeltaConfig(target_modules="all-linear", density=0.1, selection="gradient", seed=seed + low)
-    model = get_peft_model(tiny_llama(seed), config)
-    select_masks(model, train[:2])
-    trainable, total = model.get_nb_trainable_parameters()
-    seconds, _ = train_on_task(model, train, steps, progress=True)
-    return model, trainable, total, seconds
+def greedy_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, prompts: list[str]) -> list[str]:
+    """Greedy completions (up to eos), batched with left padding."""
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def run_quickstart(
-    output: str | Path = "quickstart-out", steps: int = 150, seed: int = 0
+    output: str | Path = "quickstart-out",
+    steps: int = 400,
+    seed: int = 0,
+    lr: float = 1e-2,
+    test_examples: int = 200,
+    train_examples: int = 2000,
+    recipe: BaseModelRecipe = DEFAULT_RECIPE,
+    progress: bool = True,
 ) -> QuickstartResult:
-    """Train one sparse-delta adapter per skill, evaluate, compose, save, reload and merge.
+    """Train, evaluate, compose and merge sparse-delta skill adapters on the embedded model; write to ``output``.
 
-    Writes ``base/`` (model + tokenizer), ``adapters/<skill>`` and ``adapters/composed``, ``merged/``,
-    ``results.json``, ``results.md`` and ``manifest.json`` (what ``sparse-peft demo`` serves) to ``output``.
+    Writes ``base/`` (the embedded model), ``adapters/<skill>``, ``adapters/composed``, ``merged/``,
+    ``results.json``, ``results.md`` and ``manifest.json`` (what ``sparse-peft demo`` serves).
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     base_dir = output / "base"
-    tiny_llama(seed).save_pretrained(base_dir)
-    tokenizer().save_pretrained(base_dir)
-    heldout = {name: _skill_data(seed, *span)[1] for name, span in SKILLS.items()}
+    shutil.copytree(tiny_model_path(recipe, progress=progress), base_dir, dirs_exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
+    tests = {name: skill_examples(name, "test", test_examples) for name in SKILLS}
 
-    table: dict[str, dict[str, float]] = {"base": {n: evaluate(tiny_llama(seed), h)[1] for n, h in heldout.items()}}
+    def score(model: torch.nn.Module) -> dict[str, float]:
+        return {name: exact_match(model, tokenizer, pairs) for name, pairs in tests.items()}
+
+    accuracy = {"base": score(LlamaForCausalLM.from_pretrained(base_dir))}
+    seconds: dict[str, float] = {}
     adapters: dict[str, str] = {}
-    first = next(iter(SKILLS))
-    for name, span in SKILLS.items():
-        model, trainable, total, seconds = _train_skill(seed, *span, steps)
-        table[name] = {n: evaluate(model, h)[1] for n, h in heldout.items()}
+    for name in SKILLS:
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), adapter_config(seed))
+        run = finetune(
+            model, tokenizer, skill_dataset(name, "train", train_examples, seed=seed), steps, lr,
+            seed=seed, progress=progress,
+        )
+        seconds[name] = run.seconds
+        accuracy[name] = score(model)
         model.save_pretrained(output / "adapters" / name)
         adapters[name] = f"adapters/{name}"
-        if name == first:
-            first_model, first_stats = model, (trainable, total, seconds)
+        trainable, total = model.get_nb_trainable_parameters()
 
-    combined = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), output / "adapters" / first,
-                                         adapter_name=first)
-    for name in list(SKILLS)[1:]:
-        combined.load_adapter(output / "adapters" / name, adapter_name=name)
-    compose(combined, list(SKILLS), new_adapter_name="composed")
+    combined = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(base_dir), output / "adapters" / COMPOSED[0], adapter_name=COMPOSED[0]
+    )
+    combined.load_adapter(output / "adapters" / COMPOSED[1], adapter_name=COMPOSED[1])
+    compose(combined, list(COMPOSED), new_adapter_name="composed")
     combined.set_adapter("composed")
-    table["composed"] = {n: evaluate(combined, h)[1] for n, h in heldout.items()}
+    accuracy["composed"] = score(combined)
     combined.save_pretrained(output / "adapters", selected_adapters=["composed"])
     adapters["composed"] = "adapters/composed"
 
-    probe = heldout[first][0]["input_ids"]
+    merged_skill = max(SKILLS, key=lambda s: accuracy[s][s])
+    prompts = [prompt for prompt, _ in tests[merged_skill]]
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), output / "adapters" / merged_skill)
+    unmerged_answers = greedy_answers(reloaded, tokenizer, prompts)
+    probe = tokenizer(prompts[:8], return_tensors="pt", padding=True)
     with torch.no_grad():
-        first_model.eval()
-        expected = first_model(input_ids=probe).logits
-        reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), output / "adapters" / first)
-        reloaded.eval()
-        reload_diff = (reloaded(input_ids=probe).logits - expected).abs().max().item()
+        expected = reloaded(**probe).logits
         merged = reloaded.merge_and_unload()
-        merge_diff = (merged(input_ids=probe).logits - expected).abs().max().item()
+        merge_diff = (merged(**probe).logits - expected).abs().max().item()
+    merged_answers = greedy_answers(merged, tokenizer, prompts)
+    same = sum(a == b for a, b in zip(unmerged_answers, merged_answers, strict=True)) / len(prompts)
+    accuracy[f"merged ({merged_skill})"] = score(merged)
     merged.save_pretrained(output / "merged")
-    tokenizer().save_pretrained(output / "merged")
+    tokenizer.save_pretrained(output / "merged")
 
-    base_loss, base_acc = evaluate(tiny_llama(seed), heldout[first])
-    adapter_loss, adapter_acc = evaluate(first_model, heldout[first])
-    trainable, total, seconds = first_stats
     result = QuickstartResult(
-        base_heldout_loss=base_loss,
-        adapter_heldout_loss=adapter_loss,
-        base_heldout_accuracy=base_acc,
-        adapter_heldout_accuracy=adapter_acc,
+        accuracy=accuracy,
+        train_seconds=seconds,
         trainable_params=trainable,
         total_params=total,
-        train_seconds=seconds,
-        reload_max_abs_diff=reload_diff,
+        merged_skill=merged_skill,
+        merged_same_answers=same,
         merge_max_abs_diff=merge_diff,
-        adapter_file_bytes=(output / "adapters" / first / "adapter_model.safetensors").stat().st_size,
-        accuracy_table=table,
+        adapter_file_bytes=(output / "adapters" / merged_skill / "adapter_model.safetensors").stat().st_size,
+        test_examples=test_examples,
+        base_model=str(base_dir.resolve()),
     )
     (output / "results.json").write_text(json.dumps(asdict(result), indent=2))
-    (output / "results.md").write_text(results_markdown(table))
+    (output / "results.md").write_text(results_markdown(result))
     manifest = {
         "base_model": str(base_dir.resolve()),
         "adapters": adapters,
         "results": "results.md",
-        "example_prompt": " ".join(f"t{int(t)}" for t in probe[0, :4]),
+        "example_prompt": tests[merged_skill][0][0],
+        "example_prompts": {name: pairs[0][0] for name, pairs in tests.items()},
     }
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return result
 
 
-def results_markdown(table: dict[str, dict[str, float]]) -> str:
-    """Held-out next-token accuracy of base, each skill adapter and the composition, on every skill."""
+def results_markdown(result: QuickstartResult) -> str:
+    """The results table: held-out exact match of every model row on every skill, then the checks."""
     skills = list(SKILLS)
-    lines = ["| model | " + " | ".join(skills) + " |", "|---|" + "---:|" * len(skills)]
-    lines += [f"| {row} | " + " | ".join(f"{accs[s]:.1%}" for s in skills) + " |" for row, accs in table.items()]
+    lines = [
+        f"Held-out exact match ({result.test_examples} test prompts per skill; greedy answer == reference):",
+        "",
+        "| model | " + " | ".join(skills) + " |",
+        "|---|" + "---:|" * len(skills),
+    ]
+    for row, accs in result.accuracy.items():
+        lines.append(f"| {row} | " + " | ".join(f"{accs[s]:.1%}" for s in skills) + " |")
+    lines += [
+        "",
+        f"- composed = sparse_peft.compose({', '.join(result.composed)}): one adapter, the sum of the two deltas",
+        f"- merged ({result.merged_skill}): the reloaded adapter merged into the base; same greedy answers on "
+        f"{result.merged_same_answers:.1%} of the test prompts, max |logit diff| {result.merge_max_abs_diff:.1e}",
+        f"- trainable parameters per adapter: {result.trainable_params:,} of {result.total_params:,}; "
+        f"adapter file {result.adapter_file_bytes:,} bytes",
+        "- training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.train_seconds.items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
 def format_result(result: QuickstartResult, output: str | Path) -> str:
-    """A short human-readable summary of a quickstart run."""
-    return "\n".join(
-        [
-            f"trainable params: {result.trainable_params:,} of {result.total_params:,}",
-            f"held-out loss: base {result.base_heldout_loss:.3f} -> sparse delta {result.adapter_heldout_loss:.3f}",
-            f"held-out next-token accuracy: base {result.base_heldout_accuracy:.1%} -> "
-            f"sparse delta {result.adapter_heldout_accuracy:.1%}",
-            f"training: {result.train_seconds:.1f}s",
-            f"reloaded adapter max |diff|: {result.reload_max_abs_diff:.2e}; merged: {result.merge_max_abs_diff:.2e}",
-            f"adapter file: {result.adapter_file_bytes:,} bytes; outputs in {Path(output).resolve()}",
-            "held-out next-token accuracy per skill:",
-            results_markdown(result.accuracy_table or {}),
-        ]
-    )
+    """The results table and where the outputs are."""
+    return results_markdown(result) + f"\nOutputs in {Path(output).resolve()}\n"

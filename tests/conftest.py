@@ -18,3 +18,20 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded_model_path():
+    """The embedded pretrained tiny model, built once (cached across runs in ``$SPARSE_PEFT_CACHE``) with every
+    core: the one-thread default above is for tiny matrices, not for a few minutes of pretraining."""
+    from sparse_peft.embedded import tiny_model_path
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return tiny_model_path(progress=False)
+    finally:
+        torch.set_num_threads(threads)

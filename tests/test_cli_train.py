@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from sparse_peft.cli import main
-from sparse_peft.quickstart import tiny_llama
+from sparse_peft.embedded.toy import tiny_llama
 from tests.trl_helpers import preference_dataset, sft_dataset, word_tokenizer
 
 

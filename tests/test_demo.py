@@ -226,24 +226,3 @@ def test_cli_demo_refuses_a_missing_directory(tmp_path):
     run = subprocess.run([sys.executable, "-m", "sparse_peft.cli", "demo", "--port", "99999"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "port" in run.stderr
-
-
-def test_quickstart_output_is_served_with_its_skills(tmp_path):
-    """The README's first command: quickstart writes a manifest the demo serves, and the skill adapters answer."""
-    from demo.state import DemoState
-    from sparse_peft.quickstart import SKILLS, run_quickstart, successor_table
-
-    result = run_quickstart(tmp_path, steps=60)
-    assert set(result.accuracy_table) == {"base", *SKILLS, "composed"}
-    assert (tmp_path / "results.md").read_text().count("|") > 10
-    state = DemoState.load(tmp_path)
-    assert set(state.names) == {*SKILLS, "composed"} and state.example_prompt
-    low, high = SKILLS["rule-low"]
-    table = successor_table(0 + low, low, high)
-    prompt = [int(t[1:]) for t in state.example_prompt.split()]
-    expected, token = [], prompt[-1]
-    for _ in range(4):
-        token = int(table[token])
-        expected.append(f"t{token}")
-    assert state.generate(state.example_prompt, "rule-low", max_new_tokens=4)[0] == " ".join(expected)
-    assert state.generate(state.example_prompt, BASE, max_new_tokens=4)[0] != " ".join(expected)

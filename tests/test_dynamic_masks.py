@@ -9,8 +9,8 @@ from torch import nn
 
 from sparse_peft import SparseDeltaConfig
 from sparse_peft.dynamic import replace_support
+from sparse_peft.embedded.toy import chain_batch, evaluate, successor_table, tiny_llama, train_on_task
 from sparse_peft.masks import sparse_delta_layers
-from sparse_peft.quickstart import chain_batch, evaluate, successor_table, tiny_llama, train_on_task
 
 
 def test_replace_fraction_schedules():

@@ -10,7 +10,7 @@ import trl
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from sparse_peft.quickstart import tiny_llama
+from sparse_peft.embedded.toy import tiny_llama
 from tests.trl_helpers import (
     SPARSE_METHODS,
     TRAIN_ARGS,

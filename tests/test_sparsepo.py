@@ -7,7 +7,7 @@ import pytest
 import torch
 import trl
 
-from sparse_peft.quickstart import tiny_llama
+from sparse_peft.embedded.toy import tiny_llama
 from tests.trl_helpers import (
     SPARSE_METHODS,
     TRAIN_ARGS,

@@ -12,7 +12,7 @@ import trl
 from peft import PeftModel, get_peft_model
 
 import trainers
-from sparse_peft.quickstart import tiny_llama
+from sparse_peft.embedded.toy import tiny_llama
 from tests.trl_helpers import (
     SPARSE_METHODS,
     TRAIN_ARGS,

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     quick.add_argument(
         "--output", default="quickstart-out", help="output directory (default: ./quickstart-out)"
     )
-    quick.add_argument("--steps", type=positive_int, default=150, help="training steps (default: 150)")
+    quick.add_argument("--steps", type=positive_int, default=400, help="training steps per skill adapter (default: 400)")
     quick.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     quick.add_argument("--no-demo", action="store_true", help="do not start the demo afterwards")
     quick.add_argument("--host", default="127.0.0.1", help="demo address (default: 127.0.0.1)")

@@ -56,10 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--model",
         default=None,
-        help="Hugging Face model id or local path (default: the embedded "
-        "tiny model when sparse_peft.embedded is installed)",
+        help="Hugging Face model id or local path (default: the embedded tiny model, built and cached on first use)",
     )
-    train.add_argument("--data", required=True, help="a .jsonl/.json/.csv/.parquet file or a datasets name")
+    train.add_argument(
+        "--data",
+        required=True,
+        help="a .jsonl/.json/.csv/.parquet file, a datasets name, or skill:NAME for an embedded skill "
+        "(skill:add, skill:reverse, skill:date; prompt/completion for sft, chosen/rejected for dpo/sparsepo)",
+    )
     train.add_argument("--split", default="train", help="dataset split (default: train)")
     train.add_argument(
         "--output", default="train-out", help="output adapter directory (default: ./train-out)"
@@ -155,12 +159,8 @@ class UsageError(ValueError):
 def _model_path(model: str | None) -> str:
     if model is not None:
         return model
-    try:
-        from sparse_peft.embedded import tiny_model_path  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise UsageError(
-            "--model is required: the embedded tiny model (sparse_peft.embedded) is not installed"
-        ) from exc
+    from sparse_peft.embedded import tiny_model_path
+
     return str(tiny_model_path())
 
 
@@ -215,7 +215,14 @@ def load_data(spec: str, split: str, kind: str) -> Any:
 
     path = Path(spec)
     suffix = path.suffix.lower()
-    if suffix in DATA_FORMATS:
+    if spec.startswith("skill:"):
+        from sparse_peft.embedded import SKILLS, skill_dataset
+
+        name = spec.removeprefix("skill:")
+        if name not in SKILLS:
+            raise UsageError(f"--data {spec}: unknown skill; the skills are {', '.join(SKILLS)}")
+        data = skill_dataset(name, split, n=500, kind="prompt_completion" if kind == "sft" else "preference")
+    elif suffix in DATA_FORMATS:
         if not path.is_file():
             raise UsageError(f"--data {spec}: no such file")
         data = load_dataset(DATA_FORMATS[suffix], data_files=str(path), split="train")

@@ -14,8 +14,8 @@ from peft import get_peft_model
 
 from sparse_peft import SparseDeltaConfig
 from sparse_peft.dynamic import DynamicMasks
+from sparse_peft.embedded.toy import chain_batch, successor_table, tiny_llama
 from sparse_peft.masks import sparse_delta_layers
-from sparse_peft.quickstart import chain_batch, successor_table, tiny_llama
 
 
 def main(out_dir: str) -> None:

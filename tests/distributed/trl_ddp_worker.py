@@ -14,7 +14,7 @@ from accelerate import PartialState
 from peft import get_peft_model
 
 import trainers  # noqa: F401  (attaches SparseUpdateCallback to every Trainer)
-from sparse_peft.quickstart import tiny_llama
+from sparse_peft.embedded.toy import tiny_llama
 from tests.trl_helpers import SPARSE_METHODS, adapter_configs, preference_dataset, sft_dataset, word_tokenizer
 from trainers import SparsePOConfig, SparsePOTrainer
 
