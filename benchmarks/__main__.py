@@ -170,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = [combine_rounds(records[m]) for m in methods]
         data["runs"].append({"spec": asdict(spec), "description": spec.describe(), "results": results})
     if not args.no_sections:
-        for name in report.RUN_SECTIONS:  # adapter files / switching / first token, kernels: JSON beside the report
+        for (
+            name
+        ) in report.RUN_SECTIONS:  # adapter files / switching / first token, kernels: JSON beside the report
             print(f"[{name}] ...", flush=True)
             module = importlib.import_module(f"benchmarks.{name}")
             section_argv = ["--out", str(out.parent / f"{name}.json")] + (["--quick"] if args.quick else [])

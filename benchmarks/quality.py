@@ -136,7 +136,9 @@ def run_one(base: Path, method: Method, skill: str, seed: int, settings: dict[st
     }
 
 
-def compose_one(base: Path, method: Method, pair: tuple[str, str], seed: int, settings: dict, keep: Path) -> dict:
+def compose_one(
+    base: Path, method: Method, pair: tuple[str, str], seed: int, settings: dict, keep: Path
+) -> dict:
     """Both skills' adapters in one model as the sum of their deltas: ``sparse_peft.compose`` for sparse
     adapters, PEFT's ``add_weighted_adapter(..., combination_type="cat")`` (the exact sum) for LoRA."""
     from peft import PeftModel
@@ -147,7 +149,9 @@ def compose_one(base: Path, method: Method, pair: tuple[str, str], seed: int, se
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
     folders = [keep / f"{method.name}-{skill}-{seed}" for skill in pair]
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), folders[0], adapter_name=pair[0])
+    model = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(base), folders[0], adapter_name=pair[0]
+    )
     model.load_adapter(folders[1], adapter_name=pair[1])
     if method.config is _lora:
         model.add_weighted_adapter(list(pair), [1.0, 1.0], "both", combination_type="cat")
@@ -165,13 +169,17 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="smoke configuration (seconds)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--steps", type=int, help=f"optimizer steps per run (default {FULL['steps']})")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     parser.add_argument("--skills", nargs="+", help="skills (default: all; --quick: the composed pair)")
-    parser.add_argument("--out", type=Path, default=OUT, help=f"JSON output (default {OUT.relative_to(REPO_ROOT)})")
+    parser.add_argument(
+        "--out", type=Path, default=OUT, help=f"JSON output (default {OUT.relative_to(REPO_ROOT)})"
+    )
     args = parser.parse_args(argv)
     from sparse_peft.embedded import SKILLS, tiny_model_path
     from sparse_peft.quickstart import COMPOSED
@@ -199,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
                     compositions.append(compose_one(base, method, COMPOSED, seed, settings, keep))
                     print(json.dumps(compositions[-1]), flush=True)
     data = {
-        "settings": {**settings, "budget": f"LoRA r={R} on every linear layer", "lr": {m.name: m.lr for m in methods}},
+        "settings": {
+            **settings,
+            "budget": f"LoRA r={R} on every linear layer",
+            "lr": {m.name: m.lr for m in methods},
+        },
         "seeds": seeds,
         "skills": skills,
         "base_model": json.loads((base / "build.json").read_text()),
@@ -273,7 +285,11 @@ def render(data: dict[str, Any]) -> str:
                 row += [f"{single:.1%}", _summary(composed)]
                 retention.append(statistics.fmean(composed) / single if single else float("nan"))
             lines.append(f"| {m} | " + " | ".join(row) + f" | {statistics.fmean(retention):.2f} |")
-    lines += ["", f"Command: `{data['command']}` ({data['seconds'] / 60:.0f} min) — {data['machine']}, {data['date']}.", ""]
+    lines += [
+        "",
+        f"Command: `{data['command']}` ({data['seconds'] / 60:.0f} min) — {data['machine']}, {data['date']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 

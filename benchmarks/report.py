@@ -27,7 +27,15 @@ LINKED_DOCS = (
     ("sparse_masks.md", "static vs dynamic sparse masks (accuracy at equal density)"),
     ("sora_group_sparse.md", "SoRA / group-sparse LoRA sparsity and export"),
 )
-PLOTS = ("benchmarks_time.png", "benchmarks_memory.png")
+GPU_RESULTS = "benchmarks_gpu.json"
+"""The same training-step run on a GPU machine, summarised in ``benchmarks.md`` when present beside it (rendered in
+full into ``benchmarks_gpu.md``)."""
+
+
+def plot_names(stem: str) -> tuple[str, str]:
+    """The time and memory plot files of the report ``<stem>.md`` (one pair per report, side by side in docs/)."""
+    return f"{stem}_time.png", f"{stem}_memory.png"
+
 
 # issue 2, item 5
 PEAK_VS_LORA = 1.10
@@ -198,16 +206,15 @@ def _render_section(name: str, data: dict[str, Any]) -> str:
     return module.render(data)
 
 
-def _scaling(runs: list[dict[str, Any]]) -> list[str]:
+def _scaling(runs: list[dict[str, Any]], plots: tuple[str, str] | None) -> list[str]:
     """Time and step-memory ratios to LoRA per method across model sizes (the plots show the same)."""
     sizes = [run["spec"]["name"] for run in runs]
     methods = [r["method"] for r in runs[0]["results"]]
     labels = {r["method"]: r["label"] for r in runs[0]["results"]}
-    lines = [
-        "## Scaling with model size (ratios to PEFT LoRA)",
-        "",
-        f"![step time vs model size]({PLOTS[0]}) ![step memory vs model size]({PLOTS[1]})",
-        "",
+    lines = ["## Scaling with model size (ratios to PEFT LoRA)", ""]
+    if plots:
+        lines += [f"![step time vs model size]({plots[0]}) ![step memory vs model size]({plots[1]})", ""]
+    lines += [
         "| method | " + " | ".join(f"{s}: time / mem" for s in sizes) + " |",
         "|---|" + "---:|" * len(sizes),
     ]
@@ -233,7 +240,7 @@ def _scaling(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot(data: dict[str, Any], directory: str | Path) -> list[Path]:
+def plot(data: dict[str, Any], directory: str | Path, stem: str = "benchmarks") -> list[Path]:
     """PNG plots of step time and memory ratios to LoRA against model size (needs matplotlib)."""
     import matplotlib
 
@@ -244,8 +251,8 @@ def plot(data: dict[str, Any], directory: str | Path) -> list[Path]:
     totals = [next(iter(by_method(run).values()))["total_params"] / 1e6 for run in runs]
     written = []
     for name, key, title in (
-        (PLOTS[0], "median_step_s", "training step time / PEFT LoRA"),
-        (PLOTS[1], "model_and_step_bytes", "model + step memory / PEFT LoRA"),
+        (plot_names(stem)[0], "median_step_s", "training step time / PEFT LoRA"),
+        (plot_names(stem)[1], "model_and_step_bytes", "model + step memory / PEFT LoRA"),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for r in runs[0]["results"]:
@@ -270,19 +277,60 @@ def plot(data: dict[str, Any], directory: str | Path) -> list[Path]:
     return written
 
 
+def _device(meta: dict[str, Any]) -> str:
+    if "gpu" in meta:
+        return f"{meta['gpu']} (host CPU: {meta['cpu']}, {meta['cpu_count']} cores)"
+    return f"CPU: {meta['cpu']}, {meta['cpu_count']} cores"
+
+
+def _memory_line(memory_source: str, on_gpu: bool) -> str:
+    if on_gpu:
+        return (
+            f"- Memory: {memory_source} (tensors on the GPU; the CUDA context and allocator cache are not "
+            "counted), reset before the first step. *Peak memory, process* and *model + step* are both that peak "
+            "(nothing is on the GPU before the model). *Step's extra* is the peak minus the memory just before "
+            "the first step, with model, adapter, optimizer and batch built: gradients, optimizer state, "
+            "activations and any weight copies."
+        )
+    return (
+        f"- Memory: {memory_source}, with glibc's mmap threshold fixed at 128 KiB during the warm-up steps so "
+        "RSS follows live memory (timed steps run with a 32 MiB threshold, glibc's usual steady state). "
+        "*Peak memory, process* is the peak during the steps, everything in the "
+        "process included (interpreter, libraries, model). *Model + step* is that peak minus the process's memory "
+        "before the model was built (the CPU counterpart of `torch.cuda.max_memory_allocated`). *Step's extra* is "
+        "the peak minus the memory just before the first step, with model, adapter, optimizer and batch built: "
+        "gradients, optimizer state, activations and any weight copies. The memory targets are judged on all "
+        "three."
+    )
+
+
+def _gpu_summary(gpu: dict[str, Any]) -> list[str]:
+    """The GPU run's ratio table, in the CPU report (the full GPU tables live in ``benchmarks_gpu.md``)."""
+    meta = gpu["meta"]
+    lines = [
+        "## On a GPU",
+        "",
+        f"The same step on {_device(meta)}, torch {meta['torch']}, {meta['date']}, code {meta.get('commit')}: "
+        f"`{meta['command']}`. Full tables: [benchmarks_gpu.md](benchmarks_gpu.md).",
+        "",
+    ]
+    table = _scaling(gpu["runs"], None)[2:]  # without its heading
+    descriptions = [f"- `{run['spec']['name']}`: {run['description']}" for run in gpu["runs"]]
+    return lines + table + descriptions + [""]
+
+
 def render(
     data: dict[str, Any],
     sections: dict[str, dict[str, Any]] | None = None,
     linked: Sequence[str] | None = None,
+    stem: str = "benchmarks",
+    gpu: dict[str, Any] | None = None,
 ) -> str:
-    """The whole markdown document: training-step tables, then ``sections`` (name -> JSON), then links."""
+    """The whole markdown document: training-step tables, the ``gpu`` run's summary, then ``sections``
+    (name -> JSON), then links. ``stem`` names the plots (``<stem>_time.png``)."""
     meta, settings = data["meta"], data["settings"]
     on_gpu = "gpu" in meta
-    device = (
-        f"{meta['gpu']} (host CPU: {meta['cpu']}, {meta['cpu_count']} cores)"
-        if on_gpu
-        else f"CPU: {meta['cpu']}, {meta['cpu_count']} cores"
-    )
+    device = _device(meta)
     threads = settings.get("threads") or meta["torch_threads"]
     rounds = settings.get("rounds", 1)
     memory_source = next(
@@ -320,18 +368,11 @@ def render(
         f"- Adapters: r={settings['r']} on every linear layer of every block (q, k, v, o, gate, up, down). LoRA: "
         "`LoraConfig(r, lora_alpha=r, lora_dropout=0)`; shira: `ShiraConfig(r)` (random mask, "
         "r*(in+out) entries per matrix); ours: `SparseDeltaConfig(r=r, fused=True/False)` (same entry count).",
-        f"- Memory: {memory_source}, with glibc's mmap threshold fixed at 128 KiB during the warm-up steps so "
-        "RSS follows live memory (timed steps run with a 32 MiB threshold, glibc's usual steady state). "
-        "*Peak memory, process* is the peak during the steps, everything in the "
-        "process included (interpreter, libraries, model). *Model + step* is that peak minus the process's memory "
-        "before the model was built (the CPU counterpart of `torch.cuda.max_memory_allocated`). *Step's extra* is "
-        "the peak minus the memory just before the first step, with model, adapter, optimizer and batch built: "
-        "gradients, optimizer state, activations and any weight copies. The memory targets are judged on all "
-        "three.",
+        _memory_line(memory_source, on_gpu),
         "",
     ]
     if len(data["runs"]) > 1:
-        lines += _scaling(data["runs"])
+        lines += _scaling(data["runs"], plot_names(stem))
     for run in data["runs"]:
         recs = by_method(run)
         total = next((r["total_params"] for r in recs.values()), 0)
@@ -347,6 +388,8 @@ def render(
             *_targets(run, on_gpu),
             "",
         ]
+    if gpu:
+        lines += _gpu_summary(gpu)
     for name, section in (sections or {}).items():
         lines += [_render_section(name, section)]
     present = [(doc, what) for doc, what in LINKED_DOCS if doc in (linked or ())]
@@ -364,20 +407,26 @@ def render(
 
 
 def write(data: dict[str, Any], out: str | Path) -> Path:
-    """Render ``data`` into ``out``, with every section JSON and linked doc found beside it, and the plots."""
+    """Render ``data`` into ``out``, with every section JSON and linked doc found beside it, the GPU run's summary
+    (``benchmarks_gpu.json``) and the plots. ``benchmarks<suffix>.md`` takes the sections ``<name><suffix>.json``."""
     import json
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = out.stem.removeprefix("benchmarks")  # benchmarks_gpu.md takes kernels_gpu.json, ...
     sections = {
-        name: json.loads((out.parent / f"{name}.json").read_text())
+        name: json.loads((out.parent / f"{name}{suffix}.json").read_text())
         for name in SECTIONS
-        if (out.parent / f"{name}.json").exists()
+        if (out.parent / f"{name}{suffix}.json").exists()
     }
-    linked = [doc for doc, _ in LINKED_DOCS if (out.parent / doc).exists()]
+    linked = [doc for doc, _ in LINKED_DOCS if (out.parent / doc).exists()] if not suffix else []
+    gpu_results = out.parent / GPU_RESULTS
+    gpu = (
+        json.loads(gpu_results.read_text()) if gpu_results.exists() and out.stem != gpu_results.stem else None
+    )
     if len(data["runs"]) > 1:
-        plot(data, out.parent)
-    out.write_text(render(data, sections, linked))
+        plot(data, out.parent, out.stem)
+    out.write_text(render(data, sections, linked, out.stem, gpu))
     return out
 
 

@@ -50,7 +50,9 @@ class Settings:
     seed: int = 0
     lambdas: tuple[float, ...] = (0.0, 0.03, 0.1, 0.2, 0.4, 0.8, 1.6)
     gs_lambdas: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3)
-    margin: float = 0.01  # "within margin": KL ≤ KL(LoRA at rank r) + margin·KL(base): ≤ 1% more of the gap left
+    margin: float = (
+        0.01  # "within margin": KL ≤ KL(LoRA at rank r) + margin·KL(base): ≤ 1% more of the gap left
+    )
     hidden: int = 64
     layers: int = 2
     vocab: int = 128
@@ -325,8 +327,13 @@ def _planted(name: str) -> bool:
 
 
 def markdown(res: dict[str, Any], command: str) -> str:
-    s = Settings(**{**res["settings"], "lambdas": tuple(res["settings"]["lambdas"]),
-                    "gs_lambdas": tuple(res["settings"]["gs_lambdas"])})
+    s = Settings(
+        **{
+            **res["settings"],
+            "lambdas": tuple(res["settings"]["lambdas"]),
+            "gs_lambdas": tuple(res["settings"]["gs_lambdas"]),
+        }
+    )
     lora = res["lora"]
     lines = [
         "# SoRA and group-sparse LoRA: sparsity figures",
@@ -428,18 +435,18 @@ def markdown(res: dict[str, Any], command: str) -> str:
         "from sparse_peft import SoraConfig, GroupSparseLoraConfig, export_to_lora",
         "from trainers import SparseUpdateCallback",
         "",
-        "model = get_peft_model(base, SoraConfig(target_modules=\"all-linear\", r=8, sparse_lambda=0.2,",
-        "                                        lambda_schedule=\"linear\", lambda_max=0.8, lambda_num_stages=4))",
+        'model = get_peft_model(base, SoraConfig(target_modules="all-linear", r=8, sparse_lambda=0.2,',
+        '                                        lambda_schedule="linear", lambda_max=0.8, lambda_num_stages=4))',
         "trainer = Trainer(model=model, args=args, train_dataset=ds)",
         "SparseUpdateCallback.attach(trainer)   # proximal step after every optimizer step, gates not decayed,",
         "trainer.train()                        # active ranks per module in the logs (sparsity/...)",
-        "export_to_lora(model, \"out-lora\")     # plain LoRA: PeftModel.from_pretrained(base, \"out-lora\")",
+        'export_to_lora(model, "out-lora")     # plain LoRA: PeftModel.from_pretrained(base, "out-lora")',
         "```",
         "",
         "Custom loops: `sparse_peft.apply_proximal_step(model, lr, step)` after `optimizer.step()`, with the "
         "optimizer built from `sparse_peft.proximal.param_groups(model, weight_decay)`; "
         "`sparse_peft.proximal.sparsity_report(model)` gives `{module: (active, total)}`. "
-        "`GroupSparseLoraConfig(group_by=\"rank\" | \"row\" | \"column\" | \"module\")` works the same way.",
+        '`GroupSparseLoraConfig(group_by="rank" | "row" | "column" | "module")` works the same way.',
         "",
         "## Notes",
         "",

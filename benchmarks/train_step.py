@@ -91,6 +91,8 @@ SIZES: dict[str, ModelSpec] = {
     "20m": ModelSpec("20m", 512, 4, 1408, 8, 4, 8000, 128, 2),
     "100m": ModelSpec("100m", 768, 12, 2048, 12, 12, 32000, 128, 2),
     "400m": ModelSpec("400m", 1024, 24, 2816, 16, 8, 32000, 64, 1),
+    # GPU only: a TinyLlama-width model (0.84B parameters) at a realistic batch, 4 x 512 tokens
+    "800m": ModelSpec("800m", 2048, 16, 5632, 32, 4, 32000, 512, 4),
 }
 
 
@@ -219,7 +221,9 @@ METHODS: dict[str, Method] = {
         Method("sparse_delta_dynamic", "sparse_delta dynamic (SpIEL)", True, _dynamic, _dynamic_driver),
         Method("s2ft", "S2FT", True, _s2ft),
         Method("sora", "SoRA", True, _lowrank("sora"), _proximal_driver),
-        Method("group_sparse_lora", "group-sparse LoRA", True, _lowrank("group_sparse_lora"), _proximal_driver),
+        Method(
+            "group_sparse_lora", "group-sparse LoRA", True, _lowrank("group_sparse_lora"), _proximal_driver
+        ),
     )
 }
 
@@ -365,12 +369,15 @@ def _train_step(
     return float(loss.detach())
 
 
-def measure(method_name: str, spec: ModelSpec, settings: StepSettings) -> dict[str, Any]:
+def measure(
+    method_name: str, spec: ModelSpec, settings: StepSettings, profile_rows: int = 0
+) -> dict[str, Any]:
     """Build, wrap and train one method in this process; return its figures (bytes, seconds).
 
     Memory is the peak over the warm-up steps (at least two: the first one creates the optimizer state), taken
     with a fixed small mmap threshold so that RSS follows live memory; the timed steps then run with glibc's
-    usual large-tensor threshold, as a long training run would.
+    usual large-tensor threshold, as a long training run would. ``profile_rows``: after the timed steps, run
+    one more under ``torch.profiler`` and print its top operators to stderr (where does a step's time go).
     """
     method = METHODS[method_name]
     device = resolve_device(settings.device)
@@ -410,6 +417,10 @@ def measure(method_name: str, spec: ModelSpec, settings: StepSettings) -> dict[s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - tick)
+    if profile_rows:
+        _print_profile(
+            lambda: _train_step(model, optimizer, ids, after, n_warmup + settings.steps), profile_rows
+        )
     return {
         "method": method.name,
         "label": method.label,
@@ -431,6 +442,21 @@ def measure(method_name: str, spec: ModelSpec, settings: StepSettings) -> dict[s
         "losses": losses,
         "setup_s": setup_s,
     }
+
+
+def _print_profile(step: Callable[[], Any], rows: int) -> None:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    for key in dict.fromkeys([sort, "cpu_time_total"]):
+        print(
+            prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), file=sys.stderr
+        )
 
 
 def _child(method: str, spec: dict[str, Any], settings: dict[str, Any], result: str) -> None:
@@ -510,11 +536,12 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=StepSettings.steps)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="profile one more step")
     args = parser.parse_args(argv)
     settings = StepSettings(
         r=args.r, warmup=args.warmup, steps=args.steps, device=args.device, threads=args.threads
     )
-    print(json.dumps(measure(args.method, SIZES[args.size], settings), indent=1))
+    print(json.dumps(measure(args.method, SIZES[args.size], settings, args.profile), indent=1))
     return 0
 
 

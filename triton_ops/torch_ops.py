@@ -54,7 +54,8 @@ def _csr(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) ->
     crow = torch.searchsorted(rows, torch.arange(n_rows + 1, device=idx.device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, idx % n_cols, values, shape, check_invariants=False)
+        # contiguous values: unchecked CSR on CUDA reads them as dense memory (a strided view gave wrong sums)
+        return torch.sparse_csr_tensor(crow, idx % n_cols, values.contiguous(), shape, check_invariants=False)
 
 
 def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -68,7 +69,7 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, shape: tuple[
     mask = _csr(indices, torch.zeros(indices.numel(), dtype=dtype, device=a.device), shape)
     with warnings.catch_warnings(), torch.autocast(a.device.type, enabled=False):
         warnings.simplefilter("ignore")
-        out = torch.sparse.sampled_addmm(mask, a2.t().contiguous(), b2, beta=0.0)
+        out = torch.sparse.sampled_addmm(mask, a2.t().contiguous(), b2.contiguous(), beta=0.0)
     return out.values()
 
 

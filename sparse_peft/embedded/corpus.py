@@ -27,7 +27,9 @@ def _members(module: object) -> list[object]:
             continue
         found.append(obj)
         if inspect.isclass(obj):
-            found += [o for a, o in sorted(vars(obj).items()) if not a.startswith("_") and inspect.isroutine(o)]
+            found += [
+                o for a, o in sorted(vars(obj).items()) if not a.startswith("_") and inspect.isroutine(o)
+            ]
     return found
 
 

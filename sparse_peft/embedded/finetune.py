@@ -7,13 +7,16 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..selection import select_masks
 from .skills import completion_batch
+
+if TYPE_CHECKING:  # datasets is the optional [trl] extra: imported where a dataset is built
+    from datasets import Dataset
 
 
 @dataclass
@@ -79,4 +82,6 @@ def finetune(
         seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     model.eval()
-    return FinetuneRun(seconds=seconds, final_loss=losses[-1] if losses else float("nan"), calibrated=calibrated)
+    return FinetuneRun(
+        seconds=seconds, final_loss=losses[-1] if losses else float("nan"), calibrated=calibrated
+    )

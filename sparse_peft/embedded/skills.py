@@ -12,10 +12,13 @@ import hashlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # datasets is the optional [trl] extra: imported where a dataset is built
+    from datasets import Dataset
 
 SPLITS = ("train", "validation", "test")
 WORDS = (
@@ -113,6 +116,8 @@ def skill_dataset(
 ) -> Dataset:
     """The skill in TRL's ``prompt``/``completion`` format, or (``kind="preference"``) ``prompt``/``chosen``/
     ``rejected`` with the correct completion chosen and a plausible wrong one rejected."""
+    from datasets import Dataset
+
     pairs = skill_examples(name, split, n, seed)
     if kind == "prompt_completion":
         return Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
