@@ -25,13 +25,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def embedded_model_path():
-    """The embedded pretrained tiny model, built once (cached across runs in ``$SPARSE_PEFT_CACHE``) with every
-    core: the one-thread default above is for tiny matrices, not for a few minutes of pretraining."""
+    """The embedded pretrained tiny model, built once (cached across runs in ``$SPARSE_PEFT_CACHE``)."""
     from sparse_peft.embedded import tiny_model_path
+    from tests.cores import all_cores
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
+    with all_cores():
         return tiny_model_path(progress=False)
-    finally:
-        torch.set_num_threads(threads)

@@ -33,6 +33,21 @@ def test_corpus_is_large_fixed_and_has_digits(corpus):
     assert ">>>" in text and sum(c.isdigit() for c in text) > 1000
 
 
+def test_corpus_does_not_depend_on_what_the_process_patched(monkeypatch, corpus):
+    """Libraries patch the stdlib (transformers adds methods to ``logging.Logger``, pytest replaces
+    ``threading.excepthook``); the corpus, and so the model's cache key, must be the same in every process."""
+    from sparse_peft.embedded import corpus as corpus_module
+
+    def warn_once(self, msg):
+        """A docstring that only this process would see."""
+
+    monkeypatch.setattr("logging.Logger.warn_once", warn_once, raising=False)
+    corpus_module._docstrings_in_fresh_interpreter.cache_clear()
+    fresh = docstring_corpus()
+    assert fresh == corpus and "A docstring that only this process would see." not in fresh
+    assert all(not doc.startswith("This method is identical to `logger.warning()`") for doc in fresh)
+
+
 def test_tokenizer_spells_digits_and_is_deterministic(corpus):
     tok = train_tokenizer(corpus[:300], 400)
     assert tok.get_vocab() == train_tokenizer(corpus[:300], 400).get_vocab()

@@ -15,17 +15,19 @@ from sparse_peft.embedded import SKILLS, exact_match, skill_examples
 from sparse_peft.hotswap import BASE
 from sparse_peft.quickstart import COMPOSED, greedy_answers, run_quickstart
 from sparse_peft.tuners.sparse_delta import SparseDeltaLayer
+from tests.cores import all_cores
 
-STEPS = 150
-GAINS = {"add": 0.05, "reverse": 0.3, "date": 0.5}
-"""Minimum held-out exact-match gain of each skill's adapter over the base at STEPS steps (measured margins are
-several times larger; see the note in test_skills_improve_from_base_to_adapter)."""
+STEPS = 250
+GAINS = {"add": 0.03, "reverse": 0.5, "date": 0.5}
+"""Minimum held-out exact-match gain of each skill's adapter over the base at STEPS steps (seed 0, 100 test
+prompts). Measured: add 8%, reverse 88%, date 90%; at 150 steps reverse and date are still learning (9%, 36%)."""
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory, embedded_model_path):
     output = tmp_path_factory.mktemp("quickstart")
-    return output, run_quickstart(output, steps=STEPS, test_examples=100, progress=False)
+    with all_cores():
+        return output, run_quickstart(output, steps=STEPS, test_examples=100, progress=False)
 
 
 def test_skills_improve_from_base_to_adapter(quickstart):
