@@ -14,9 +14,7 @@ per method (each method's usual range; see ``METHODS``), not tuned per skill.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -26,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks.report import mean_std, save_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "docs" / "quality.json"
@@ -162,12 +162,6 @@ def compose_one(
     return {"method": method.name, "pair": list(pair), "seed": seed, "composed": composed}
 
 
-def machine() -> str:
-    import torch
-
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0]
@@ -219,19 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         "compositions": compositions,
         "seconds": time.perf_counter() - start,
         "command": "python -m benchmarks.quality" + (" " + shlex.join(argv) if argv else ""),
-        "machine": machine(),
-        "date": dt.date.today().isoformat(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2))
-    print(render(data))
-    return 0
-
-
-def _summary(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1%}"
-    return f"{statistics.fmean(values):.1%} ± {statistics.stdev(values):.1%}"
+    return save_section(data, args.out, render)
 
 
 def render(data: dict[str, Any]) -> str:
@@ -259,7 +242,7 @@ def render(data: dict[str, Any]) -> str:
         means = [statistics.fmean(cell[(m, k)]) for k in skills if (m, k) in cell]
         lines.append(
             f"| {m} | {s['lr'][m]:g} | {rows[0]['trainable_params']:,} | "
-            + " | ".join(_summary(cell[(m, k)]) if (m, k) in cell else "—" for k in skills)
+            + " | ".join(mean_std(cell[(m, k)], ".1%") if (m, k) in cell else "—" for k in skills)
             + f" | {statistics.fmean(means):.1%} | {statistics.fmean(r['train_seconds'] for r in rows):.0f} |"
         )
     if data["compositions"]:
@@ -282,7 +265,7 @@ def render(data: dict[str, Any]) -> str:
             for skill in pair:
                 single = statistics.fmean(cell[(m, skill)])
                 composed = [c["composed"][skill] for c in comps]
-                row += [f"{single:.1%}", _summary(composed)]
+                row += [f"{single:.1%}", mean_std(composed, ".1%")]
                 retention.append(statistics.fmean(composed) / single if single else float("nan"))
             lines.append(f"| {m} | " + " | ".join(row) + f" | {statistics.fmean(retention):.2f} |")
     lines += [

@@ -7,9 +7,14 @@ comes from the JSON; nothing is written by hand.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import importlib
+import json
+import os
+import platform
+import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,29 @@ LINKED_DOCS = (
 GPU_RESULTS = "benchmarks_gpu.json"
 """The same training-step run on a GPU machine, summarised in ``benchmarks.md`` when present beside it (rendered in
 full into ``benchmarks_gpu.md``)."""
+
+
+def mean_std(values: Sequence[float], fmt: str) -> str:
+    """``mean ± std`` over seeds, each formatted with ``fmt`` (``".1%"``, ``".3f"``); the value alone for one seed."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.fmean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+def save_section(data: dict[str, Any], out: Path, render: Callable[[dict[str, Any]], str]) -> int:
+    """Stamp a section benchmark's results with the CPU machine and date, write them to ``out`` (the JSON the
+    report renders) and print the rendered section."""
+    import torch
+
+    data["machine"] = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
+    data["date"] = dt.date.today().isoformat()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2))
+    print(render(data))
+    return 0
 
 
 def plot_names(stem: str) -> tuple[str, str]:

@@ -16,10 +16,7 @@ final reward-mask density (fraction of completion tokens with a non-zero mask).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
 import random
 import shlex
 import statistics
@@ -30,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.report import mean_std, save_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "docs" / "sparsepo.json"
@@ -166,12 +165,6 @@ def run_one(method: str, seed: int, base: Path, settings: argparse.Namespace, fo
     }
 
 
-def machine() -> str:
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.sparsepo", description=__doc__.splitlines()[0]
@@ -205,19 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(
             ["python", "-m", "benchmarks.sparsepo", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "machine": machine(),
-        "date": dt.date.today().isoformat(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2))
-    print(render(data))
-    return 0
-
-
-def _summary(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+    return save_section(data, args.out, render)
 
 
 def render(data: dict[str, Any]) -> str:
@@ -246,8 +228,8 @@ def render(data: dict[str, Any]) -> str:
         dens = [r["final_mask_density"] for r in rows if r["final_mask_density"] is not None]
         ratio = statistics.fmean(margins) / dpo if dpo else float("nan")
         lines.append(
-            f"| {method} | {_summary(margins)} | {ratio:.2f}× | {_summary(accs)} | "
-            f"{_summary(dens) if dens else '—'} | {statistics.fmean(r['train_seconds'] for r in rows):.1f} |"
+            f"| {method} | {mean_std(margins, '.3f')} | {ratio:.2f}× | {mean_std(accs, '.3f')} | "
+            f"{mean_std(dens, '.3f') if dens else '—'} | {statistics.fmean(r['train_seconds'] for r in rows):.1f} |"
         )
     lines += ["", f"Command: `{data['command']}` — {data['machine']}, {data['date']}.", ""]
     return "\n".join(lines)
