@@ -4,8 +4,10 @@ the composition and the merge behave, the outputs are what the demo serves, and 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from peft import PeftModel
@@ -126,3 +128,42 @@ def test_cli_train_on_an_embedded_skill(tmp_path, embedded_model_path):
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "unknown skill" in bad.stderr and "add" in bad.stderr
+
+
+def test_cli_quickstart_ends_with_the_results_and_the_demo_serving(tmp_path, embedded_model_path):
+    """The README's first command end to end (a couple of steps per skill): the results table is written, then the
+    demo serves the quickstart's adapters and answers a client with the adapter it asked for."""
+    from gradio_client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    log = (tmp_path / "log.txt").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparse_peft.cli", "quickstart", "--steps", "2", "--output", str(out),
+         "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while "Serving the demo" not in (out_text := (tmp_path / "log.txt").read_text()):
+            assert proc.poll() is None, out_text[-3000:]
+            assert time.monotonic() < deadline, out_text[-3000:]
+            time.sleep(1)
+        assert "| base |" in out_text and (out / "results.md").is_file()
+        for _ in range(120):  # the server takes a moment after the line
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.5)
+        else:
+            pytest.fail("the demo did not answer within a minute")
+        prompt = skill_examples("date", "test", 1)[0][0]
+        base_text, adapter_text, info = client.predict(prompt, "date", 8, False, 1.0, 1.0, 0, api_name="/generate")
+        assert "Adapter **date**" in info and isinstance(adapter_text, str) and isinstance(base_text, str)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
