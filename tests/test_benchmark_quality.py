@@ -24,6 +24,7 @@ def test_quick_quality_run_covers_every_method(tmp_path, embedded_model_path):
     assert budget["full FT"] > 10 * lora
     composed = {c["method"] for c in data["compositions"]}
     assert composed == {m.name for m in quality.METHODS.values() if m.composable}
+    assert set(data["base_scores"]) == set(data["skills"])  # measured, not assumed
     section = quality.render(data)
-    assert "| LoRA (PEFT) |" in section and "Composition" in section
+    assert "| LoRA (PEFT) |" in section and "| base model (no training) |" in section and "Composition" in section
     assert "quality" in report.SECTIONS
