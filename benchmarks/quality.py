@@ -286,7 +286,8 @@ def render(data: dict[str, Any]) -> str:
             lines.append(f"| {m} | " + " | ".join(row) + f" | {statistics.fmean(retention):.2f} |")
     lines += [
         "",
-        f"Command: `{data['command']}` ({data['seconds'] / 60:.0f} min) — {data['machine']}, {data['date']}.",
+        f"Command: `{data['command']}` ({data['seconds'] / 60:.0f} min) — {data['machine']}, {data['date']}."
+        + (f" {data['note']}" if data.get("note") else ""),
         "",
     ]
     return "\n".join(lines)
