@@ -107,15 +107,19 @@ def _model(base: Path, method: Method, seed: int) -> Any:
     return model if method.config is None else get_peft_model(model, method.config(seed))
 
 
+def skill_scores(model: Any, tokenizer: Any, skills: list[str], settings: dict[str, Any]) -> dict[str, float]:
+    """Held-out exact match of ``model`` on each of ``skills``."""
+    from sparse_peft.embedded import exact_match, skill_examples
+
+    return {s: exact_match(model, tokenizer, skill_examples(s, "test", settings["test"])) for s in skills}
+
+
 def base_scores(base: Path, skills: list[str], settings: dict[str, Any]) -> dict[str, float]:
     """Held-out exact match of the base model itself: the row every adapter is compared with."""
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from sparse_peft.embedded import exact_match, skill_examples
-
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
-    model = LlamaForCausalLM.from_pretrained(base)
-    return {s: exact_match(model, tokenizer, skill_examples(s, "test", settings["test"])) for s in skills}
+    return skill_scores(LlamaForCausalLM.from_pretrained(base), tokenizer, skills, settings)
 
 
 def run_one(base: Path, method: Method, skill: str, seed: int, settings: dict[str, Any], keep: Path) -> dict:
@@ -124,7 +128,7 @@ def run_one(base: Path, method: Method, skill: str, seed: int, settings: dict[st
     import torch
     from transformers import PreTrainedTokenizerFast
 
-    from sparse_peft.embedded import SKILLS, exact_match, finetune, skill_dataset, skill_examples
+    from sparse_peft.embedded import SKILLS, finetune, skill_dataset
 
     torch.manual_seed(seed)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
@@ -132,7 +136,7 @@ def run_one(base: Path, method: Method, skill: str, seed: int, settings: dict[st
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train = skill_dataset(skill, "train", settings["train"], seed=seed)
     run = finetune(model, tokenizer, train, settings["steps"], method.lr, seed=seed)
-    scores = {s: exact_match(model, tokenizer, skill_examples(s, "test", settings["test"])) for s in SKILLS}
+    scores = skill_scores(model, tokenizer, list(SKILLS), settings)
     if method.composable:
         model.save_pretrained(keep / f"{method.name}-{skill}-{seed}")
     return {
@@ -156,7 +160,6 @@ def compose_one(
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     from sparse_peft import compose
-    from sparse_peft.embedded import exact_match, skill_examples
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
     folders = [keep / f"{method.name}-{skill}-{seed}" for skill in pair]
@@ -169,7 +172,7 @@ def compose_one(
     else:
         compose(model, list(pair), new_adapter_name="both")
     model.set_adapter("both")
-    composed = {s: exact_match(model, tokenizer, skill_examples(s, "test", settings["test"])) for s in pair}
+    composed = skill_scores(model, tokenizer, list(pair), settings)
     return {"method": method.name, "pair": list(pair), "seed": seed, "composed": composed}
 
 

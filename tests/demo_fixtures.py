@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -65,3 +66,10 @@ def build(root: Path) -> tuple[Path, Path]:
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4))
     get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(adapters / "gpt2-lora")
     return base_dir, adapters
+
+
+def free_port() -> int:
+    """A port nobody listens on, for serving the demo in a test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from demo_fixtures import build, tiny_llama, tokenizer
+from demo_fixtures import build, free_port, tiny_llama, tokenizer
 from peft import PeftModel, get_peft_model
 
 from sparse_peft import SparseDeltaConfig
@@ -144,19 +143,13 @@ def test_compose_merge_and_plot(state, tmp_path):
 
 
 # ------------------------------------------------------------------ the launched app
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(folders):
     from demo.app import build_app
 
     base, adapters = folders
     app = build_app(adapters, str(base))
-    port = _free_port()
+    port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     app.close()

@@ -4,12 +4,12 @@ the composition and the merge behave, the outputs are what the demo serves, and 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from demo_fixtures import free_port
 from peft import PeftModel
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -135,11 +135,9 @@ def test_cli_quickstart_ends_with_the_results_and_the_demo_serving(tmp_path, emb
     demo serves the quickstart's adapters and answers a client with the adapter it asked for."""
     from gradio_client import Client
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "out"
-    log = (tmp_path / "log.txt").open("w+")
+    log = (tmp_path / "log.txt").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sparse_peft.cli", "quickstart", "--steps", "2", "--output", str(out),
          "--port", str(port)],
