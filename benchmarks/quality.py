@@ -1,27 +1,32 @@
-"""Held-out quality of every method on the embedded skills, at one trainable-parameter budget and step count,
-and the composition test (LT-SFT: do sparse deltas of two skills interfere less than two summed LoRAs?).
+"""Held-out quality of every method on the embedded skills, on the real base model (SmolLM2-135M-Instruct), at
+one trainable-parameter budget and step count, with each method's learning rate chosen on the validation split;
+and the composition test (does the sum of two skill adapters keep both skills?).
 
-Every run starts from the embedded pretrained tiny Llama, trains one adapter on one skill with TRL's SFTTrainer
-(:func:`sparse_peft.embedded.finetune`: same data, steps, batch and schedule for every method) and scores
-held-out exact match. The budget is LoRA r=8 on every linear layer; sparse deltas and S2FT take the same
-parameter count, SoRA / group-sparse LoRA start at r=8, full fine-tuning trains everything. Learning rates are
-per method (each method's usual range; see ``METHODS``), not tuned per skill.
+Every run starts from the embedded model, trains one adapter on one skill with TRL's SFTTrainer
+(:func:`sparse_peft.embedded.finetune`: same data, steps, batch and schedule for every method) and scores held-out
+exact match. The budget is LoRA r=8 on every linear layer; sparse deltas and S2FT take the same parameter count,
+SoRA / group-sparse LoRA start at r=8, full fine-tuning trains everything.
 
-    python -m benchmarks.quality             # 3 seeds x 3 skills x 9 methods (about 35 minutes on 2 CPU cores)
-    python -m benchmarks.quality --quick     # smoke run
+Protocol per method: (1) sweep its learning-rate grid with seed 0, scored on the validation split of every skill;
+(2) with the lr of the best mean validation score, train seeds 0..2 and score the test split. Every run is
+appended to the JSON output as it finishes, and a later invocation skips the runs already there, so the table can
+be filled over several invocations (``--methods``, ``--seeds``); the section renders from whatever is complete.
+
+    python -m benchmarks.quality                          # everything (hours on 2 CPU cores)
+    python -m benchmarks.quality --methods "LoRA (PEFT)"  # one method's sweep + seeds
+    python -m benchmarks.quality --quick                  # smoke run (tiny settings, CI)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +34,15 @@ from benchmarks.report import mean_std, save_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "docs" / "quality.json"
+KEEP = REPO_ROOT / ".cache" / "quality-adapters"
+"""Composable adapters of the test runs, kept between invocations for the composition test."""
 R = 8
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    lr: float
+    lrs: tuple[float, ...]  # the sweep grid
     config: Callable[[int], Any] | None  # seed -> PEFT config; None: full fine-tuning
     composable: bool = False  # take part in the composition test
 
@@ -82,67 +89,74 @@ def _s2ft(seed: int) -> Any:
 METHODS = {
     m.name: m
     for m in (
-        Method("full FT", 3e-4, None),
-        Method("LoRA (PEFT)", 3e-3, _lora, composable=True),
-        Method("shira (PEFT)", 1e-2, _shira),
-        Method("sparse_delta random", 1e-2, _sparse("random"), composable=True),
-        Method("sparse_delta gradient", 1e-2, _sparse("gradient"), composable=True),
-        Method("sparse_delta dynamic", 1e-2, _sparse("gradient", reselect_every=50, regrow_window=5)),
-        Method("SoRA", 3e-3, _sora),
-        Method("group-sparse LoRA", 3e-3, _gs_lora),
-        Method("S2FT", 3e-3, _s2ft, composable=True),
+        Method("full FT", (3e-5, 1e-4, 3e-4), None),
+        Method("LoRA (PEFT)", (3e-4, 1e-3, 3e-3), _lora, composable=True),
+        Method("shira (PEFT)", (1e-3, 3e-3, 1e-2), _shira),
+        Method("sparse_delta random", (1e-3, 3e-3, 1e-2), _sparse("random"), composable=True),
+        Method("sparse_delta gradient", (1e-3, 3e-3, 1e-2), _sparse("gradient"), composable=True),
+        Method("sparse_delta dynamic", (1e-3, 3e-3, 1e-2), _sparse("gradient", reselect_every=20, regrow_window=5)),
+        Method("SoRA", (3e-4, 1e-3, 3e-3), _sora),
+        Method("group-sparse LoRA", (3e-4, 1e-3, 3e-3), _gs_lora),
+        Method("S2FT", (3e-4, 1e-3, 3e-3), _s2ft, composable=True),
     )
 }
-FULL = {"steps": 200, "seeds": [0, 1, 2], "train": 1000, "test": 100}
-QUICK = {"steps": 3, "seeds": [0], "train": 64, "test": 16}
+FULL = {"steps": 60, "batch_size": 16, "seeds": [0, 1, 2], "train": 2000, "validation": 100, "test": 200}
+QUICK = {"steps": 2, "batch_size": 4, "seeds": [0], "train": 32, "validation": 8, "test": 8, "lrs": 1}
 
 
 def _model(base: Path, method: Method, seed: int) -> Any:
     from peft import get_peft_model
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     import sparse_peft  # noqa: F401  (registers the PEFT types)
 
-    model = LlamaForCausalLM.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
     return model if method.config is None else get_peft_model(model, method.config(seed))
 
 
-def skill_scores(model: Any, tokenizer: Any, skills: list[str], settings: dict[str, Any]) -> dict[str, float]:
-    """Held-out exact match of ``model`` on each of ``skills``."""
+def skill_scores(model: Any, tokenizer: Any, skills: list[str], split: str, n: int) -> dict[str, float]:
+    """Held-out exact match of ``model`` on each of ``skills`` (``n`` prompts of ``split``)."""
     from sparse_peft.embedded import exact_match, skill_examples
 
-    return {s: exact_match(model, tokenizer, skill_examples(s, "test", settings["test"])) for s in skills}
+    return {s: exact_match(model, tokenizer, skill_examples(s, split, n)) for s in skills}
 
 
 def base_scores(base: Path, skills: list[str], settings: dict[str, Any]) -> dict[str, float]:
     """Held-out exact match of the base model itself: the row every adapter is compared with."""
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
-    return skill_scores(LlamaForCausalLM.from_pretrained(base), tokenizer, skills, settings)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    return skill_scores(model, tokenizer, skills, "test", settings["test"])
 
 
-def run_one(base: Path, method: Method, skill: str, seed: int, settings: dict[str, Any], keep: Path) -> dict:
-    """Train ``method`` on ``skill``; held-out exact match on every skill. Composable adapters are saved in
-    ``keep`` for the composition test."""
+def run_one(
+    base: Path, method: Method, skill: str, seed: int, lr: float, split: str, settings: dict[str, Any],
+    skills: list[str], keep: Path | None,
+) -> dict:
+    """Train ``method`` on ``skill`` at ``lr``; exact match on ``split`` of every skill. Composable adapters of test
+    runs are saved in ``keep`` for the composition test."""
     import torch
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
-    from sparse_peft.embedded import SKILLS, finetune, skill_dataset
+    from sparse_peft.embedded import finetune, skill_dataset
 
     torch.manual_seed(seed)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
     model = _model(base, method, seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train = skill_dataset(skill, "train", settings["train"], seed=seed)
-    run = finetune(model, tokenizer, train, settings["steps"], method.lr, seed=seed)
-    scores = skill_scores(model, tokenizer, list(SKILLS), settings)
-    if method.composable:
-        model.save_pretrained(keep / f"{method.name}-{skill}-{seed}")
+    run = finetune(model, tokenizer, train, settings["steps"], lr, batch_size=settings["batch_size"], seed=seed)
+    scores = skill_scores(model, tokenizer, skills, split, settings[split])
+    if keep is not None and method.composable:
+        model.save_pretrained(keep / _adapter_folder(method, skill, seed))
+        (keep / _adapter_folder(method, skill, seed) / "quality_run.json").write_text(json.dumps({"lr": lr}))
     return {
         "method": method.name,
         "skill": skill,
         "seed": seed,
+        "lr": lr,
+        "split": split,
         "exact_match": scores[skill],
         "other_skills": {s: v for s, v in scores.items() if s != skill},
         "trainable_params": trainable,
@@ -151,102 +165,144 @@ def run_one(base: Path, method: Method, skill: str, seed: int, settings: dict[st
     }
 
 
+def _adapter_folder(method: Method, skill: str, seed: int) -> str:
+    return f"{method.name}-{skill}-{seed}".replace(" ", "_").replace("(", "").replace(")", "")
+
+
 def compose_one(
     base: Path, method: Method, pair: tuple[str, str], seed: int, settings: dict, keep: Path
 ) -> dict:
     """Both skills' adapters in one model as the sum of their deltas: ``sparse_peft.compose`` for sparse
     adapters, PEFT's ``add_weighted_adapter(..., combination_type="cat")`` (the exact sum) for LoRA."""
     from peft import PeftModel
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sparse_peft import compose
 
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
-    folders = [keep / f"{method.name}-{skill}-{seed}" for skill in pair]
-    model = PeftModel.from_pretrained(
-        LlamaForCausalLM.from_pretrained(base), folders[0], adapter_name=pair[0]
-    )
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    folders = [keep / _adapter_folder(method, skill, seed) for skill in pair]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folders[0], adapter_name=pair[0])
     model.load_adapter(folders[1], adapter_name=pair[1])
     if method.config is _lora:
         model.add_weighted_adapter(list(pair), [1.0, 1.0], "both", combination_type="cat")
     else:
         compose(model, list(pair), new_adapter_name="both")
     model.set_adapter("both")
-    composed = skill_scores(model, tokenizer, list(pair), settings)
-    return {"method": method.name, "pair": list(pair), "seed": seed, "composed": composed}
+    composed = skill_scores(model, tokenizer, list(pair), "test", settings["test"])
+    return {"method": method.name, "pair": list(pair), "seed": seed, "composed": composed, "lr": _lr_of(folders[0])}
+
+
+def _lr_of(folder: Path) -> float | None:
+    return json.loads((folder / "quality_run.json").read_text())["lr"] if (folder / "quality_run.json").is_file() else None
+
+
+def best_lr(sweep: list[dict], method: str) -> float | None:
+    """The grid lr with the best mean validation exact match over skills (ties: the smaller lr)."""
+    by_lr: dict[float, list[float]] = {}
+    for r in sweep:
+        if r["method"] == method:
+            by_lr.setdefault(r["lr"], []).append(r["exact_match"])
+    if not by_lr:
+        return None
+    return max(sorted(by_lr), key=lambda lr: statistics.fmean(by_lr[lr]))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="smoke configuration (seconds)")
+    parser.add_argument("--quick", action="store_true", help="smoke configuration (a few minutes)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--steps", type=int, help=f"optimizer steps per run (default {FULL['steps']})")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="test seeds (default 0 1 2)")
     parser.add_argument("--skills", nargs="+", help="skills (default: all; --quick: the composed pair)")
     parser.add_argument(
-        "--out", type=Path, default=OUT, help=f"JSON output (default {OUT.relative_to(REPO_ROOT)})"
+        "--out", type=Path, default=OUT, help=f"JSON output (default {OUT.relative_to(REPO_ROOT)}); runs already "
+        "in it are kept and not run again",
     )
+    parser.add_argument("--fresh", action="store_true", help="ignore the runs already in --out")
     args = parser.parse_args(argv)
-    from sparse_peft.embedded import SKILLS, tiny_model_path
+    from sparse_peft.embedded import SKILLS, base_model_path
     from sparse_peft.quickstart import COMPOSED
 
     settings = dict(QUICK if args.quick else FULL)
     settings["steps"] = args.steps or settings["steps"]
     seeds = args.seeds or settings.pop("seeds")
     settings.pop("seeds", None)
+    grid_size = settings.pop("lrs", None)
     skills = args.skills or (list(COMPOSED) if args.quick else list(SKILLS))
     unknown = set(skills) - set(SKILLS)
     if unknown:
         parser.error(f"unknown skills {sorted(unknown)}; the skills are {list(SKILLS)}")
-    base = tiny_model_path()
-    methods = [METHODS[name] for name in args.methods]
-    runs, compositions = [], []
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:
-        keep = Path(scratch)
+    base = base_model_path()
+    data: dict[str, Any] = {"sweep": [], "runs": [], "compositions": [], "seconds": 0.0, "commands": []}
+    if args.out.is_file() and not args.fresh:
+        previous = json.loads(args.out.read_text())
+        if previous.get("settings", {}).get("steps") == settings["steps"] and "sweep" in previous:
+            data = previous
+    data.update(settings={**settings, "budget": f"LoRA r={R} on every linear layer"}, skills=skills)
+    data["commands"] = list(dict.fromkeys([*data.get("commands", []), " ".join(["python -m benchmarks.quality",
+                                                                                   *(argv or sys.argv[1:])])]))
+    data["base_model"] = json.loads((base / "build.json").read_text())
+    data.setdefault("base_scores", base_scores(base, skills, settings))
+    keep = KEEP if not args.quick else args.out.parent / "quality-adapters"
+
+    def done(kind: str, **key: Any) -> bool:
+        return any(all(r.get(k) == v for k, v in key.items()) for r in data[kind])
+
+    def record(kind: str, run: Callable[[], dict]) -> None:
+        started = time.perf_counter()
+        entry = run()
+        data[kind].append(entry)
+        data["seconds"] += time.perf_counter() - started
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=2))  # after every run: an interrupted invocation resumes
+        print(json.dumps(entry), flush=True)
+
+    for method in (METHODS[name] for name in args.methods):
+        grid = method.lrs[:grid_size]
+        for lr in grid if len(grid) > 1 else ():  # a one-value grid (--quick) needs no sweep
+            for skill in skills:
+                if not done("sweep", method=method.name, skill=skill, lr=lr):
+                    record("sweep", partial(run_one, base, method, skill, 0, lr, "validation", settings, skills, None))
+        lr = best_lr(data["sweep"], method.name) if len(grid) > 1 else grid[0]
         for seed in seeds:
-            for method in methods:
-                for skill in skills:
-                    runs.append(run_one(base, method, skill, seed, settings, keep))
-                    print(json.dumps(runs[-1]), flush=True)
-                if method.composable and set(COMPOSED) <= set(skills):
-                    compositions.append(compose_one(base, method, COMPOSED, seed, settings, keep))
-                    print(json.dumps(compositions[-1]), flush=True)
-    data = {
-        "settings": {
-            **settings,
-            "budget": f"LoRA r={R} on every linear layer",
-            "lr": {m.name: m.lr for m in methods},
-        },
-        "seeds": seeds,
-        "skills": skills,
-        "base_model": json.loads((base / "build.json").read_text()),
-        "base_scores": base_scores(base, skills, settings),
-        "runs": runs,
-        "compositions": compositions,
-        "seconds": time.perf_counter() - start,
-        "command": "python -m benchmarks.quality" + (" " + shlex.join(argv) if argv else ""),
-    }
+            for skill in skills:
+                if not done("runs", method=method.name, skill=skill, seed=seed, lr=lr) or (
+                    method.composable and not (keep / _adapter_folder(method, skill, seed)).is_dir()
+                ):
+                    data["runs"] = [r for r in data["runs"]
+                                    if (r["method"], r["skill"], r["seed"]) != (method.name, skill, seed)]
+                    record("runs", partial(run_one, base, method, skill, seed, lr, "test", settings, skills, keep))
+            if method.composable and set(COMPOSED) <= set(skills) and not done(
+                "compositions", method=method.name, seed=seed, lr=lr
+            ):
+                data["compositions"] = [c for c in data["compositions"]
+                                        if (c["method"], c["seed"]) != (method.name, seed)]
+                record("compositions", partial(compose_one, base, method, COMPOSED, seed, settings, keep))
     return save_section(data, args.out, render)
 
 
 def render(data: dict[str, Any]) -> str:
-    """Markdown section: exact match per method and skill (mean ± std over seeds), then the composition table."""
+    """Markdown section: the lr sweep, exact match per method and skill (mean ± std over seeds), then the
+    composition table."""
     skills, runs = data["skills"], data["runs"]
     methods = list(dict.fromkeys(r["method"] for r in runs))
-    cell = {(r["method"], r["skill"]): [] for r in runs}
+    cell: dict[tuple[str, str], list[float]] = {}
     for r in runs:
-        cell[(r["method"], r["skill"])].append(r["exact_match"])
+        cell.setdefault((r["method"], r["skill"]), []).append(r["exact_match"])
     s, build = data["settings"], data["base_model"]
+    seeds = sorted({r["seed"] for r in runs})
     lines = [
         "## Quality on the embedded skills (held-out exact match)",
         "",
-        f"Base: the embedded tiny Llama ({build['parameters']:,} parameters, pretrained {build['recipe']['steps']} "
-        f"steps on Python docstrings). Each run trains one adapter on one skill for {s['steps']} steps (batch 32, "
-        f"{s['train']} training prompts, TRL SFTTrainer, cosine schedule) at the budget {s['budget']}; "
-        f"{len(data['seeds'])} seed(s); {s['test']} held-out prompts per skill; mean ± std over seeds.",
+        f"Base: {build['source']['name']} ({build['stages']['model']['parameters']:,} parameters, "
+        f"{build['source']['license']}, from the `{build['source']['package']}` package). Each run trains one "
+        f"adapter on one skill for {s['steps']} steps (batch {s['batch_size']}, TRL SFTTrainer, cosine schedule, "
+        f"plain prompt format) at the budget {s['budget']}. Learning rate: per method, the grid value with the "
+        f"best mean validation exact match ({s['validation']} validation prompts per skill, seed 0; sweep below); "
+        f"then seeds {', '.join(map(str, seeds))} at that lr, scored on {s['test']} test prompts per skill; "
+        "mean ± std over seeds.",
         "",
         "| method | lr | trainable params | " + " | ".join(skills) + " | mean |",
         "|---|---|---|" + "---|" * (len(skills) + 1),
@@ -260,10 +316,21 @@ def render(data: dict[str, Any]) -> str:
         rows = [r for r in runs if r["method"] == m]
         means = [statistics.fmean(cell[(m, k)]) for k in skills if (m, k) in cell]
         lines.append(
-            f"| {m} | {s['lr'][m]:g} | {rows[0]['trainable_params']:,} | "
+            f"| {m} | {rows[0]['lr']:g} | {rows[0]['trainable_params']:,} | "
             + " | ".join(mean_std(cell[(m, k)], ".1%") if (m, k) in cell else "—" for k in skills)
             + f" | {statistics.fmean(means):.1%} |"
         )
+    if data["sweep"]:
+        lines += ["", "Learning-rate sweep (seed 0, validation exact match, mean over skills; * = chosen):", "",
+                  "| method | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " |", "|---|---|---|---|"]
+        for m in dict.fromkeys(r["method"] for r in data["sweep"]):
+            chosen = best_lr(data["sweep"], m)
+            by_lr: dict[float, list[float]] = {}
+            for r in data["sweep"]:
+                if r["method"] == m:
+                    by_lr.setdefault(r["lr"], []).append(r["exact_match"])
+            cells = [f"{lr:g}: {statistics.fmean(v):.1%}{'*' if lr == chosen else ''}" for lr, v in sorted(by_lr.items())]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if data["compositions"]:
         pair = data["compositions"][0]["pair"]
         lines += [
@@ -289,7 +356,8 @@ def render(data: dict[str, Any]) -> str:
             lines.append(f"| {m} | " + " | ".join(row) + f" | {statistics.fmean(retention):.2f} |")
     lines += [
         "",
-        f"Command: `{data['command']}` ({data['seconds'] / 60:.0f} min) — {data['machine']}, {data['date']}."
+        "Commands: " + "; ".join(f"`{c}`" for c in data["commands"])
+        + f" ({data['seconds'] / 60:.0f} min of runs in all) — {data['machine']}, {data['date']}."
         + (f" {data['note']}" if data.get("note") else ""),
         "",
     ]

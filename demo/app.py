@@ -49,7 +49,7 @@ def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str | 
                 f"Adapter **{adapter}**; switch took {switch_s * 1e3:.2f} ms "
                 f"(last switch of this model: {switcher.last_switch_s * 1e3:.2f} ms)."
             )
-            return base_text, text, info
+            return base_text.strip(), text.strip(), info
         except Exception as exc:  # noqa: BLE001 - report, keep serving
             return "", "", _error_text(exc)
 
@@ -91,13 +91,17 @@ def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str | 
         )
 
     initial = holder["state"]
-    prompt = prompt or (initial.example_prompt if initial else None) or DEFAULT_PROMPT
+    first, example = initial.default_choice() if initial else (BASE, None)
+    prompt = prompt or example or DEFAULT_PROMPT
     choices = initial.choices if initial else [BASE]
     names = initial.names if initial else []
-    first = names[0] if names else BASE
+    pair = initial.default_pair() if initial else (None, None)
     with gr.Blocks(title="sparse-peft demo") as app:
         gr.Markdown("# sparse-peft: switch, compare, compose and merge sparse adapters")
         status = gr.Markdown(initial.summary() if initial else load_message, elem_id="status")
+        if initial and initial.results:
+            with gr.Accordion("Results of the run that trained these adapters", open=True):
+                gr.Markdown(initial.results, elem_id="results")
         with gr.Tab("Generate"):
             with gr.Row():
                 adapter = gr.Dropdown(choices=choices, value=first, label="Adapter", elem_id="adapter")
@@ -121,8 +125,8 @@ def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str | 
             info = gr.Markdown(elem_id="info")
         with gr.Tab("Compose"):
             with gr.Row():
-                first_dd = gr.Dropdown(choices=names, value=names[0] if names else None, label="first")
-                second_dd = gr.Dropdown(choices=names, value=names[-1] if names else None, label="second")
+                first_dd = gr.Dropdown(choices=names, value=pair[0], label="first")
+                second_dd = gr.Dropdown(choices=names, value=pair[1], label="second")
                 w1 = gr.Number(value=1.0, label="weight of first")
                 w2 = gr.Number(value=1.0, label="weight of second")
             composed_name = gr.Textbox(value="composed-demo", label="new adapter name")
@@ -157,4 +161,5 @@ def serve(
     adapters_dir: str | Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860
 ) -> None:
     """Launch the demo and block until interrupted."""
-    build_app(adapters_dir, model).launch(server_name=host, server_port=port, show_error=True)
+    # quiet: no "set share=True" hint (a CLI user serves on their own address); our caller prints the URL
+    build_app(adapters_dir, model).launch(server_name=host, server_port=port, show_error=True, quiet=True)

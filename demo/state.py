@@ -63,6 +63,14 @@ def discover(adapters_dir: str | Path) -> tuple[dict[str, AdapterEntry], dict[st
     return entries, data
 
 
+def _read_results(root: Path, name: str | None) -> str:
+    """The results file the manifest names (empty when there is none or it cannot be read)."""
+    try:
+        return (root / name).read_text() if name else ""
+    except OSError:
+        return ""
+
+
 @dataclass
 class DemoState:
     """Loaded base model copies, adapters and their switchers."""
@@ -74,6 +82,7 @@ class DemoState:
     switchers: dict[str, AdapterSwitcher] = field(default_factory=dict)  # peft type -> switcher
     example_prompt: str | None = None
     example_prompts: dict[str, str] = field(default_factory=dict)  # adapter name -> a prompt it answers
+    results: str = ""  # the quickstart's results table (markdown), when the manifest names one
 
     @classmethod
     def load(cls, adapters_dir: str | Path, model: str | None = None) -> DemoState:
@@ -103,6 +112,7 @@ class DemoState:
             entries,
             example_prompt=manifest.get("example_prompt"),
             example_prompts=dict(manifest.get("example_prompts", {})),
+            results=_read_results(Path(adapters_dir), manifest.get("results")),
         )
         for entry in entries.values():
             if not entry.error:
@@ -182,6 +192,27 @@ class DemoState:
                 out = model.generate(**inputs, pad_token_id=pad, **kwargs)
         text = self.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return text, switch_s
+
+    def default_choice(self) -> tuple[str, str | None]:
+        """The adapter the page opens with and a prompt it answers: the first skill adapter with an example
+        prompt (so the first Generate shows that skill), else the first adapter and the manifest's prompt."""
+        for name in self.names:
+            if name in self.example_prompts:
+                return name, self.example_prompts[name]
+        return (self.names[0] if self.names else BASE), self.example_prompt
+
+    def default_pair(self) -> tuple[str | None, str | None]:
+        """Two adapters to offer for composition: two single-skill sparse adapters of one type when there are."""
+        by_type: dict[str, list[str]] = {}
+        for name in self.names:
+            if self.entries[name].peft_type in SPARSE_TYPES:
+                by_type.setdefault(self.entries[name].peft_type, []).append(name)
+        for names in by_type.values():
+            skills = [n for n in names if n in self.example_prompts] or names
+            if len(skills) >= 2:
+                return skills[0], skills[1]
+        names = self.names
+        return (names[0] if names else None), (names[1] if len(names) > 1 else None)
 
     def compose(self, first: str, second: str, w_first: float, w_second: float, name: str) -> str:
         """Add ``name`` = w1·first + w2·second (sparse adapters of one type) and make it selectable."""

@@ -4,7 +4,21 @@
 ``get_peft_model``, ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` accept them.
 """
 
-from .registry import register_all as _register_all
+import logging as _logging
+
+
+class _OptionalKernelNotice(_logging.Filter):
+    """Drops bitsandbytes' one CPU notice that an optional hub kernel is missing ("Failed to load CPU
+    gemm_4bit_forward ... pip install kernels"): it prints on every import of PEFT, reads like an error, and its
+    fallback is what runs here anyway. Every other bitsandbytes message passes."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in str(record.msg)
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
+
+from .registry import register_all as _register_all  # noqa: E402
 
 _register_all()
 

@@ -26,8 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """For a command-line user: no per-file "Loading weights" bars from transformers, and not the deprecation
+    notice PEFT triggers in transformers on every model it wraps (``is_gradient_checkpointing``), which the user
+    cannot act on. Our own progress bars and every other warning stay."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     return int(args.func(args) or 0)
 
 

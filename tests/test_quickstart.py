@@ -1,5 +1,6 @@
-"""The README's main job on the embedded default, on a cheap configuration: skills improve from base to adapter,
-the composition and the merge behave, the outputs are what the demo serves, and the evaluator is exact."""
+"""The README's main job on the embedded SmolLM2-135M-Instruct, on a cheap configuration (fewer steps, a smaller
+batch, fewer test prompts): skills improve from base to adapter, the composition and the merge behave, the outputs
+are what the demo serves, and the evaluator is exact."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 import pytest
 from demo_fixtures import free_port
 from peft import PeftModel
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparse_peft.embedded import SKILLS, exact_match, skill_examples
 from sparse_peft.hotswap import BASE
@@ -19,19 +20,17 @@ from sparse_peft.quickstart import COMPOSED, greedy_answers, run_quickstart
 from sparse_peft.tuners.sparse_delta import SparseDeltaLayer
 from tests.cores import all_cores
 
-STEPS = 250
-GAINS = {"add": 0.03, "reverse": 0.5, "date": 0.5}
-"""Minimum held-out exact-match gain of each skill's adapter over the base at STEPS steps (seed 0, 100 test
-prompts). Measured on the embedded build 35714a10e236 (one torch thread): add 4%, reverse 100%, date 100%; at 150
-steps (an earlier build) reverse and date were still learning (9%, 36%). ``add`` is the weak skill: its margin is
-a few prompts."""
+CHEAP = {"steps": 30, "batch_size": 8, "test_examples": 50}
+GAINS = {"reverse": 0.5, "date": 0.5, "sort": 0.3}
+"""Minimum held-out exact-match gain of each skill's adapter over the base in the CHEAP configuration (seed 0).
+Measured: see MEASURED_CHEAP below; the README's default (60 steps, batch 16, 200 prompts) reaches 100/100/99%."""
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory, embedded_model_path):
     output = tmp_path_factory.mktemp("quickstart")
     with all_cores():
-        return output, run_quickstart(output, steps=STEPS, test_examples=100, progress=False)
+        return output, run_quickstart(output, **CHEAP, progress=False, say=lambda line: None)
 
 
 def test_skills_improve_from_base_to_adapter(quickstart):
@@ -50,14 +49,14 @@ def test_composition_is_the_sum_of_the_skill_deltas(quickstart):
 
     output, result = quickstart
     assert set(result.accuracy["composed"]) == set(SKILLS)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(output / "base")
-    base = LlamaForCausalLM.from_pretrained(output / "base")
+    tokenizer = AutoTokenizer.from_pretrained(result.base_model)
+    base = AutoModelForCausalLM.from_pretrained(result.base_model)
     first, second = COMPOSED
     model = PeftModel.from_pretrained(base, output / "adapters" / first, adapter_name=first)
     model.load_adapter(output / "adapters" / second, adapter_name=second)
     compose(model, [first, second], weights=[1.0, 0.0], new_adapter_name="first-only")
     model.set_adapter("first-only")
-    pairs = skill_examples(first, "test", 100)
+    pairs = skill_examples(first, "test", CHEAP["test_examples"])
     assert exact_match(model, tokenizer, pairs) == result.accuracy[first][first]
 
 
@@ -66,7 +65,7 @@ def test_merged_model_gives_the_same_answers(quickstart):
     assert result.merged_same_answers == 1.0 and result.merge_max_abs_diff < 1e-4
     row = f"merged ({result.merged_skill})"
     assert result.accuracy[row] == result.accuracy[result.merged_skill]
-    merged = LlamaForCausalLM.from_pretrained(output / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(output / "merged")
     assert not any(isinstance(m, SparseDeltaLayer) for m in merged.modules())
 
 
@@ -85,15 +84,16 @@ def test_outputs_and_results_table(quickstart):
 
 def test_exact_match_equals_generating_and_comparing(quickstart):
     """The one-pass evaluator agrees with real greedy generation, on models that are right, wrong and in between."""
-    output, _ = quickstart
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(output / "base")
-    base = LlamaForCausalLM.from_pretrained(output / "base")
-    model = PeftModel.from_pretrained(base, output / "adapters" / "add", adapter_name="add")
+    output, result = quickstart
+    tokenizer = AutoTokenizer.from_pretrained(result.base_model)
+    tokenizer.padding_side = "left"
+    base = AutoModelForCausalLM.from_pretrained(result.base_model)
+    model = PeftModel.from_pretrained(base, output / "adapters" / "sort", adapter_name="sort")
     model.load_adapter(output / "adapters" / "date", adapter_name="date")
     seen = set()
-    for adapter in ("add", "date"):
+    for adapter in ("sort", "date"):
         model.set_adapter(adapter)
-        for skill in ("add", "date"):
+        for skill in ("sort", "date"):
             pairs = skill_examples(skill, "test", 40)
             answers = greedy_answers(model, tokenizer, [p for p, _ in pairs])
             generated = sum(a == c for a, (_, c) in zip(answers, pairs, strict=True)) / len(pairs)
@@ -110,6 +110,10 @@ def test_the_demo_serves_the_quickstart_output(quickstart):
     assert set(state.names) == {*SKILLS, "composed"}
     prompt, completion = skill_examples("date", "test", 1)[0]
     assert state.example_prompts["date"].endswith("->")
+    # the page opens on a skill adapter with that skill's prompt, offers two skills to compose, shows the results
+    first = next(iter(SKILLS))
+    assert state.default_choice() == (first, state.example_prompts[first])
+    assert state.default_pair() == tuple(list(SKILLS)[:2]) and "| base |" in state.results
     assert state.generate(prompt, "date", max_new_tokens=16)[0] == completion
     assert state.generate(prompt, BASE, max_new_tokens=16)[0] != completion
 
@@ -129,7 +133,7 @@ def test_cli_train_on_an_embedded_skill(tmp_path, embedded_model_path):
         [sys.executable, "-m", "sparse_peft.cli", "train", "dpo", "--data", "skill:sum", "--output", str(out)],
         capture_output=True, text=True,
     )
-    assert bad.returncode == 2 and "unknown skill" in bad.stderr and "add" in bad.stderr
+    assert bad.returncode == 2 and "unknown skill" in bad.stderr and "reverse" in bad.stderr
 
 
 def test_cli_quickstart_ends_with_the_results_and_the_demo_serving(tmp_path, embedded_model_path):
@@ -141,8 +145,8 @@ def test_cli_quickstart_ends_with_the_results_and_the_demo_serving(tmp_path, emb
     out = tmp_path / "out"
     log = (tmp_path / "log.txt").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sparse_peft.cli", "quickstart", "--steps", "2", "--output", str(out),
-         "--port", str(port)],
+        [sys.executable, "-m", "sparse_peft.cli", "quickstart", "--steps", "2", "--test-examples", "10",
+         "--output", str(out), "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -151,7 +155,7 @@ def test_cli_quickstart_ends_with_the_results_and_the_demo_serving(tmp_path, emb
             assert proc.poll() is None, out_text[-3000:]
             assert time.monotonic() < deadline, out_text[-3000:]
             time.sleep(1)
-        assert "| base |" in out_text and (out / "results.md").is_file()
+        assert "| base |" in out_text and "Traceback" not in out_text and (out / "results.md").is_file()
         for _ in range(120):  # the server takes a moment after the line
             try:
                 client = Client(f"http://127.0.0.1:{port}/", verbose=False)

@@ -37,5 +37,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from demo.app import serve
 
+    print(f"Serving the demo on http://{args.host}:{args.port} (Ctrl+C to stop) ...", flush=True)
     serve(args.adapters, args.model, args.host, args.port)
     return 0

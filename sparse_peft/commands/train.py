@@ -56,13 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--model",
         default=None,
-        help="Hugging Face model id or local path (default: the embedded tiny model, built and cached on first use)",
+        help="Hugging Face model id or local path (default: the embedded SmolLM2-135M-Instruct, converted and cached on first use)",
     )
     train.add_argument(
         "--data",
         required=True,
         help="a .jsonl/.json/.csv/.parquet file, a datasets name, or skill:NAME for an embedded skill "
-        "(skill:add, skill:reverse, skill:date; prompt/completion for sft, chosen/rejected for dpo/sparsepo)",
+        "(skill:reverse, skill:date, skill:sort; prompt/completion for sft, chosen/rejected for dpo/sparsepo)",
     )
     train.add_argument("--split", default="train", help="dataset split (default: train)")
     train.add_argument(
@@ -89,9 +89,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     method.add_argument(
         "--selection",
-        choices=("random", "magnitude", "weight"),
+        choices=("random", "magnitude", "gradient", "snip", "weight", "activation"),
         default=None,
-        help="sparse_delta: random|magnitude (default random); s2ft: random|weight (default random)",
+        help="sparse_delta: random|magnitude|gradient|snip (default random); s2ft: random|weight|activation|"
+        "gradient (default random). gradient/snip/activation score the weights on --calibration-batches "
+        "batches of the training data before training (sft only)",
+    )
+    method.add_argument(
+        "--calibration-batches",
+        type=positive_int,
+        default=2,
+        help="batches scored by --selection gradient/snip/activation (default 2)",
     )
     method.add_argument(
         "--reselect-every",
@@ -152,6 +160,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=run)
 
 
+CALIBRATED = ("gradient", "snip", "activation")
+"""Selections chosen from data: :func:`sparse_peft.select_masks` runs on training batches before training."""
+
+
 class UsageError(ValueError):
     """A bad argument combination or input, reported as one line and exit status 2."""
 
@@ -159,9 +171,9 @@ class UsageError(ValueError):
 def _model_path(model: str | None) -> str:
     if model is not None:
         return model
-    from sparse_peft.embedded import tiny_model_path
+    from sparse_peft.embedded import base_model_path
 
-    return str(tiny_model_path())
+    return str(base_model_path())
 
 
 def peft_config(args: argparse.Namespace) -> Any:
@@ -181,9 +193,17 @@ def peft_config(args: argparse.Namespace) -> Any:
         if value is not None and args.method != owner:
             raise UsageError(f"{flag} applies to --method {owner}, not {args.method}")
     if args.selection is not None:
-        allowed = {"sparse_delta": ("random", "magnitude"), "s2ft": ("random", "weight")}.get(args.method, ())
+        allowed = {
+            "sparse_delta": ("random", "magnitude", "gradient", "snip"),
+            "s2ft": ("random", "weight", "activation", "gradient"),
+        }.get(args.method, ())
         if args.selection not in allowed:
             raise UsageError(f"--selection {args.selection} is not available for --method {args.method}")
+        if args.selection in CALIBRATED and args.kind != "sft":
+            raise UsageError(
+                f"--selection {args.selection} scores weights on labelled sft batches; with {args.kind} use "
+                "random, magnitude (sparse_delta) or weight (s2ft), or train the mask with sft first"
+            )
     if args.method == "sparse_delta":
         if args.r is not None and args.density is not None:
             raise UsageError("sparse_delta: give --r or --density, not both")
@@ -329,6 +349,21 @@ def _trainer(args: argparse.Namespace, model_path: str, data: Any) -> Any:
     )
 
 
+def calibrate(trainer: Any, batches: int) -> None:
+    """Choose the adapter's support from the gradients (or activations) of the first training batches."""
+    from itertools import islice
+
+    from sparse_peft import select_masks
+
+    device = trainer.model.device
+    loader = trainer.get_train_dataloader()
+    calibration = [
+        {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        for batch in islice(loader, batches)
+    ]
+    select_masks(trainer.model, calibration, adapter_name=trainer.model.active_adapter)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = peft_config(args)  # validate the options before anything heavy is loaded
@@ -339,6 +374,8 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, ValueError, OSError) as exc:
         print(f"sparse-peft train: error: {exc}", file=sys.stderr)
         return 2
+    if args.selection in CALIBRATED:
+        calibrate(trainer, args.calibration_batches)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

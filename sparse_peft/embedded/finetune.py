@@ -4,13 +4,16 @@ trainers``, after calibrating any adapter whose mask is chosen from data (gradie
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from ..selection import select_masks
 from .skills import completion_batch
@@ -31,6 +34,41 @@ def needs_calibration(model: torch.nn.Module) -> bool:
     return any(any(getattr(m, "needs_calibration", {}).values()) for m in model.modules())
 
 
+class LabelledProgress(TrainerCallback):
+    """One progress bar per run, named after what trains, with the loss as its postfix: the Trainer's own bar has
+    no label and prints every logged dict."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled, self.bar = label, enabled, None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar = tqdm(total=state.max_steps, desc=self.label, unit="step", disable=not self.enabled)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs and self.bar is not None:
+            self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def quiet_data_preparation() -> Iterator[None]:
+    """Hide the ``datasets`` map bars TRL shows while it tokenizes (five per run, seconds each)."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def finetune(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -41,10 +79,12 @@ def finetune(
     seed: int = 0,
     calibration_batches: int = 2,
     progress: bool = False,
+    label: str = "training",
 ) -> FinetuneRun:
     """Train ``model`` (a PeftModel, or a plain model for full fine-tuning) for ``steps`` optimizer steps on
     ``train`` (``prompt``/``completion`` columns), warmup then cosine decay. fp32 on CPU: TRL's default bf16
-    autocast is several times slower there."""
+    autocast is several times slower there. ``label`` names the progress bar (shown when ``progress``)."""
+    import transformers
     import trl
 
     import trainers  # noqa: F401  (installs SparseUpdateCallback on every Trainer)
@@ -67,16 +107,19 @@ def finetune(
             per_device_train_batch_size=batch_size,
             weight_decay=0.0,
             bf16=False,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             use_cpu=not torch.cuda.is_available(),
             report_to=[],
             save_strategy="no",
             logging_steps=max(1, steps // 10),
-            disable_tqdm=not progress,
+            disable_tqdm=True,
             seed=seed,
             data_seed=seed,
         )
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        with quiet_data_preparation():
+            trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+        trainer.add_callback(LabelledProgress(label, progress))
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start

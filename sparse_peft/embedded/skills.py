@@ -1,6 +1,10 @@
 """Skills datasets for the embedded model: small tasks with distinct formats, generated here, with fixed
 train/validation/test splits and an exact-match evaluator.
 
+The formats are ones the embedded SmolLM2-135M-Instruct does not follow (0% exact match on each, plain prompt;
+asked in its chat format with an instruction it scores 0% on ``reverse`` and ``date``) and that a sparse adapter
+learns in about 60 steps. Arithmetic (``517 + 8 =``) was dropped: 120 steps did not teach it.
+
 Each skill maps a random draw to a ``(prompt, completion)`` pair and a plausible wrong completion (for preference
 data). A pair's split is a hash of its prompt, so a held-out prompt never appears in training, whatever ``n``
 and seed are asked for. The data are plain text in TRL's formats, so they work with any model and tokenizer.
@@ -26,7 +30,7 @@ WORDS = (
     "module text code item index case mode result size call order field node table state user host port default "
     "event block group"
 ).split()
-"""Common docstring words (each one token for the embedded tokenizer; any tokenizer works)."""
+"""Common short words (one token each for most tokenizers; any tokenizer works)."""
 
 
 @dataclass(frozen=True)
@@ -38,16 +42,6 @@ class Skill:
     description: str
     draw: Callable[[random.Random], tuple[str, str]]
     corrupt: Callable[[random.Random, str, str], str]
-
-
-def _draw_add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randrange(1000), rng.randrange(10)
-    return f"{a} + {b} =", f" {a + b}"
-
-
-def _corrupt_add(rng: random.Random, prompt: str, completion: str) -> str:
-    total = int(completion)
-    return f" {total + rng.choice([d for d in (-10, -1, 1, 10) if total + d >= 0])}"
 
 
 def _draw_reverse(rng: random.Random) -> tuple[str, str]:
@@ -73,12 +67,23 @@ def _corrupt_date(rng: random.Random, prompt: str, completion: str) -> str:
     return f" {day.strip()}/{month}/{int(year) + rng.choice((-1, 1))}"
 
 
+def _draw_sort(rng: random.Random) -> tuple[str, str]:
+    numbers = rng.sample(range(10, 100), 3)
+    return f"sort: {' '.join(map(str, numbers))} ->", " " + " ".join(map(str, sorted(numbers)))
+
+
+def _corrupt_sort(rng: random.Random, prompt: str, completion: str) -> str:
+    numbers = completion.split()
+    wrong = numbers[::-1] if rng.random() < 0.5 else [numbers[1], numbers[0], numbers[2]]
+    return " " + " ".join(wrong)
+
+
 SKILLS: dict[str, Skill] = {
     skill.name: skill
     for skill in (
-        Skill("add", "add a one-digit number to a number below 1000", _draw_add, _corrupt_add),
         Skill("reverse", "reverse a list of three words", _draw_reverse, _corrupt_reverse),
         Skill("date", "rewrite an ISO date (YYYY-MM-DD) as DD/MM/YYYY", _draw_date, _corrupt_date),
+        Skill("sort", "sort three two-digit numbers in increasing order", _draw_sort, _corrupt_sort),
     )
 }
 
@@ -102,12 +107,16 @@ def skill_examples(name: str, split: str = "train", n: int = 1000, seed: int = 0
         raise ValueError(f"unknown split {split!r}; the splits are {SPLITS}")
     rng = random.Random(f"{name}/{split}/{seed}")
     seen: dict[str, str] = {}
-    for _ in range(200 * n):
+    misses = 0
+    while misses < 20_000:  # that many draws in a row without a new prompt: the split is exhausted
         prompt, completion = skill.draw(rng)
-        if prompt not in seen and split_of(prompt) == split:
-            seen[prompt] = completion
-            if len(seen) == n:
-                return list(seen.items())
+        if prompt in seen or split_of(prompt) != split:
+            misses += 1
+            continue
+        misses = 0
+        seen[prompt] = completion
+        if len(seen) == n:
+            return list(seen.items())
     raise ValueError(f"skill {name!r} has fewer than {n} distinct {split} examples")
 
 
