@@ -23,7 +23,8 @@ from tests.cores import all_cores
 CHEAP = {"steps": 30, "batch_size": 8, "test_examples": 50}
 GAINS = {"reverse": 0.5, "date": 0.5, "sort": 0.3}
 """Minimum held-out exact-match gain of each skill's adapter over the base in the CHEAP configuration (seed 0).
-Measured: see MEASURED_CHEAP below; the README's default (60 steps, batch 16, 200 prompts) reaches 100/100/99%."""
+Measured on 2 cores: reverse 100%, date 96%, sort 84% (base 0% on each; 3.4 min for the whole run); the README's
+default (60 steps, batch 16, 200 prompts) reaches 100%, 100%, 97.5%."""
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ class PretrainedSource:
     converter: int = 1  # bump when the conversion changes, so caches are rebuilt
 
     def key(self) -> str:
-        text = f"{asdict(self)}{importlib.metadata.version(self.package)}"
+        text = f"{asdict(self)}{_distribution(self).version}"
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -55,13 +55,17 @@ INSTALL_HINT = (
 )
 
 
+def _distribution(source: PretrainedSource) -> importlib.metadata.Distribution:
+    try:
+        return importlib.metadata.distribution(source.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"the embedded base model {source.name} comes from the package {source.package!r}, "
+                           f"which is not installed; {INSTALL_HINT}") from None
+
+
 def gguf_file(source: PretrainedSource = SMOLLM2) -> Path:
     """The GGUF file inside the installed package, after checking it against the package's RECORD."""
-    try:
-        dist = importlib.metadata.distribution(source.package)
-    except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(f"the embedded base model {source.name} comes from the package {source.package!r}; "
-                           f"{INSTALL_HINT}") from None
+    dist = _distribution(source)
     path = Path(dist.locate_file(source.gguf))
     if not path.is_file():
         raise RuntimeError(f"{source.package} is installed but {path} is missing; reinstall it: {INSTALL_HINT}")
@@ -119,7 +123,7 @@ def base_model_path(source: PretrainedSource = SMOLLM2, progress: bool = True) -
     if verify(cache_dir() / name) is None:  # no need to find and hash the package's file
         return cache_dir() / name
     path = gguf_file(source)
-    metadata = {"source": asdict(source), "package_version": importlib.metadata.version(source.package)}
+    metadata = {"source": asdict(source), "package_version": _distribution(source).version}
     return cached_build(
         name, _stages(path, source), metadata, progress=progress,
         description=f"converting {source.name} (once, to {cache_dir()})",
