@@ -8,6 +8,8 @@ so a bad file gives an error naming the problem instead of an out-of-bounds writ
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 INT32_MAX = torch.iinfo(torch.int32).max
@@ -67,3 +69,53 @@ def rows_cols(indices: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.T
     """Row and column of each flat index (int64)."""
     idx = indices.long()
     return torch.div(idx, n_cols, rounding_mode="floor"), idx % n_cols
+
+
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes (any dtype, bf16 included): the integrity check of saved adapters."""
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return zlib.crc32(data.tobytes())
+
+
+def integrity_header(shape: tuple[int, int], indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """What an adapter file records per module next to its indices: the weight's storage shape the indices address
+    and CRC-32s of the indices (as int64) and of the values, so a file made for another matrix size, or damaged
+    after it was written, is refused instead of loading at wrong positions."""
+    return torch.tensor(
+        [shape[0], shape[1], tensor_crc32(indices.to(torch.int64)), tensor_crc32(values)], dtype=torch.int64
+    )
+
+
+def check_header_shape(header: torch.Tensor, shape: tuple[int, int], where: str) -> None:
+    """Raise unless ``header`` (from :func:`integrity_header`) is well-formed and was made for a weight of ``shape``
+    (checked before the indices, so an adapter for another model size is named as such)."""
+    if not isinstance(header, torch.Tensor) or header.dtype != torch.int64 or header.shape != (4,):
+        raise InvalidSparseIndicesError(f"{where}: the integrity header is malformed (the file is damaged).")
+    rows, cols = int(header[0]), int(header[1])
+    if (rows, cols) != tuple(shape):
+        raise InvalidSparseIndicesError(
+            f"{where}: the adapter was made for a {rows}x{cols} weight but this model's weight is "
+            f"{shape[0]}x{shape[1]} (an adapter for another model or size?)."
+        )
+
+
+def check_checksums(header: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, where: str) -> None:
+    """Raise unless the indices and values are the ones whose CRC-32s ``header`` recorded at save time."""
+    if int(header[2]) != tensor_crc32(indices.to(torch.int64)):
+        raise InvalidSparseIndicesError(
+            f"{where}: the indices do not match the checksum recorded when the file was saved (the file is damaged)."
+        )
+    if int(header[3]) != tensor_crc32(values):
+        raise InvalidSparseIndicesError(
+            f"{where}: the values do not match the checksum recorded when the file was saved (the file is damaged)."
+        )
+
+
+def check_values(values: torch.Tensor, where: str) -> None:
+    """Values must be finite floating-point numbers: NaN/Inf would poison every output that reads the weight."""
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+        raise InvalidSparseIndicesError(f"{where}: values must be floating point, got {got}.")
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise InvalidSparseIndicesError(f"{where}: {bad} of {values.numel()} values are NaN or infinite.")

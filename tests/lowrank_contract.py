@@ -93,7 +93,12 @@ def check_bnb(make_config: Callable[..., object], bits: int, tmp_path: Path) -> 
         if bits == 4
         else BitsAndBytesConfig(load_in_8bit=True)
     )
-    path = save_tiny_base("llama", tmp_path)
+    from sparse_peft.embedded.toy import tiny_llama as quantizable_llama
+
+    # linear layers >= 64 inputs wide: bitsandbytes 0.50's CPU 4-bit inference path (AVX512-BF16 CPUs) fails on
+    # layers narrower than its 64-wide quantization block
+    path = tmp_path / "base-quantizable-llama"
+    quantizable_llama(0).save_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu")
     ref = output(base)
     model = get_peft_model(base, make_config(target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False))

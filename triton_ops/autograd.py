@@ -8,6 +8,7 @@ Weight storage is either ``nn.Linear`` (``(out, in)``, ``fan_in_fan_out=False``)
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -102,17 +103,37 @@ class FusedSparseLinearFn(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_values, None, None, None, None, None
 
 
-@contextmanager
-def _delta_in(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float):
-    """Temporarily hold ``W0 + scale * v`` at the indices of ``weight``; restore the originals bit-exactly."""
-    data = weight.data
+_WEIGHT_LOCKS: dict[int, threading.Lock] = {}
+_WEIGHT_LOCKS_GUARD = threading.Lock()
+
+
+def _weight_lock(weight: torch.Tensor) -> threading.Lock:
+    """One lock per weight storage: the fused write, the matmul and the restore run as one unit, so two threads
+    training through the same layer never read each other's delta as the "originals"."""
+    key = weight.untyped_storage().data_ptr()
+    with _WEIGHT_LOCKS_GUARD:
+        return _WEIGHT_LOCKS.setdefault(key, threading.Lock())
+
+
+def _with_delta(data: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
+    """Write ``W0 + scale * v`` at the indices of ``data`` (in place); return the k originals it replaced."""
     originals = gather(data, indices)  # a copy
     compute = torch.promote_types(data.dtype, torch.float32)  # fp32 sums for half weights, fp64 stays fp64
     scatter_(data, indices, originals.to(compute) + values.detach().to(compute) * scale)
-    try:
-        yield data
-    finally:
-        scatter_(data, indices, originals)
+    return originals
+
+
+@contextmanager
+def _delta_in(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float):
+    """Temporarily hold ``W0 + scale * v`` at the indices of ``weight`` (under the weight's lock); restore the
+    originals bit-exactly."""
+    data = weight.data
+    with _weight_lock(weight):
+        originals = _with_delta(data, values, indices, scale)
+        try:
+            yield data
+        finally:
+            scatter_(data, indices, originals)
 
 
 def sparse_delta_linear(
@@ -140,7 +161,19 @@ def fused_sparse_linear(
     """``x @ (W + scale * S)^T`` at the base layer's speed, for one sparse delta ``S`` on the base ``weight``.
 
     Pass ``axis``/``channels`` when ``S`` is a structured row/column slice (see ``triton_ops.structured``).
+
+    Without autograd (``torch.no_grad`` / ``inference_mode``: evaluation, serving, generation, usually on threads)
+    the shared weight is never written: the product runs on a transient copy holding the same ``W0 + scale * S``
+    (bit-identical outputs), so concurrent forwards and anyone else reading the weight always see ``W0``. With
+    autograd the delta is written in place under the weight's lock (no weight-sized copy during training).
     """
+    if not torch.is_grad_enabled():
+        fused = weight.detach().clone()
+        _with_delta(fused, values, indices, scale)
+        if fan_in_fan_out:
+            out = x @ fused
+            return out + bias if bias is not None else out
+        return F.linear(x, fused, bias)
     return FusedSparseLinearFn.apply(
         x, weight, bias, values, indices, float(scale), fan_in_fan_out, axis, channels
     )

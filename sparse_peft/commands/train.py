@@ -245,7 +245,16 @@ def load_data(spec: str, split: str, kind: str) -> Any:
     elif suffix in DATA_FORMATS:
         if not path.is_file():
             raise UsageError(f"--data {spec}: no such file")
-        data = load_dataset(DATA_FORMATS[suffix], data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise UsageError(f"--data {spec} is empty")
+        try:
+            data = load_dataset(DATA_FORMATS[suffix], data_files=str(path), split="train")
+        except Exception as exc:  # datasets wraps parse errors (malformed JSON, ragged CSV) in several types
+            cause = exc.__cause__ or exc
+            raise UsageError(
+                f"--data {spec}: cannot be read as {DATA_FORMATS[suffix]} ({type(cause).__name__}: "
+                f"{str(cause).splitlines()[0] if str(cause) else 'no detail'})"
+            ) from exc
     else:
         if path.exists():
             raise UsageError(f"--data {spec}: unsupported file type (use one of {', '.join(DATA_FORMATS)})")
@@ -265,6 +274,14 @@ def load_data(spec: str, split: str, kind: str) -> Any:
         )
     if len(data) == 0:
         raise UsageError(f"--data {spec} is empty")
+    required = [c for group in (SFT_COLUMNS if kind == "sft" else (PREFERENCE_COLUMNS,)) for c in group
+                if c in columns]
+    for column in required:
+        missing = [i for i, value in enumerate(data[column]) if value is None]
+        if missing:
+            raise UsageError(
+                f"--data {spec}: column {column!r} is empty (null) in {len(missing)} row(s), first at row {missing[0]}"
+            )
     return data
 
 

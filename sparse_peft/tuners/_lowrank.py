@@ -27,6 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..proximal import LAMBDA_SCHEDULES, LambdaSchedule, ProximalLayer
+from ._quantized import base_weight
 from ._twin import twin_adapter
 
 
@@ -243,7 +244,7 @@ class SparseLowRankLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         for adapter in adapter_names:
             if adapter not in getattr(self, self.a_name):
                 continue
-            weight = self.get_base_weight()
+            weight = base_weight(self)
             delta = self.get_delta_weight(adapter).to(device=weight.device, dtype=weight.dtype)
             if safe_merge:
                 weight = weight.clone() + delta
@@ -265,7 +266,7 @@ class SparseLowRankLayer(nn.Module, BaseTunerLayer, ProximalLayer):
             adapter = self.merged_adapters.pop()
             if adapter not in getattr(self, self.a_name):
                 continue
-            weight = self.get_base_weight()
+            weight = base_weight(self)
             weight -= self.get_delta_weight(adapter).to(device=weight.device, dtype=weight.dtype)
             self.set_base_weight(weight)
 

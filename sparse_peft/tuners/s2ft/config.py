@@ -85,6 +85,11 @@ class S2FTConfig(PeftConfig):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"s2ft {name} must be in [0, 1], got {value!r}.")
+        if self.r is None and not any(x for x in ratios) and self.channel_plan is None:
+            raise ValueError(
+                "s2ft: heads_ratio and channels_ratio select no head and no channel (0 trainable parameters); give "
+                "one of them a value in (0, 1], or a budget r."
+            )
         if not 0.0 <= self.attention_fraction <= 1.0:
             raise ValueError(f"s2ft attention_fraction must be in [0, 1], got {self.attention_fraction!r}.")
         if self.module_roles is not None and not isinstance(self.module_roles, dict):

@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from ...indices import InvalidSparseIndicesError
+from ...indices import InvalidSparseIndicesError, check_values
 from ..sparse_delta.model import SparseDeltaModel, _is_supported_base
 from .architecture import Architecture, resolve_architecture
 from .config import S2FTConfig
@@ -168,8 +168,10 @@ class S2FTModel(SparseDeltaModel):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Validate channel ids and value counts, then rebuild each layer's support from the file."""
+        """Validate every module's channel ids and values first, then rebuild each layer's support from the file: a
+        bad module raises and leaves every layer as it was."""
         remapped = BaseTuner._remap_adapter_state_dict_for_load.__func__(cls, model, config, adapter_name, state_dict)
+        checked = []
         for name, module in model.named_modules():
             if not isinstance(module, S2FTLinear) or adapter_name not in module.sparse_delta_values:
                 continue
@@ -180,12 +182,15 @@ class S2FTModel(SparseDeltaModel):
                 raise InvalidSparseIndicesError(f"{where}: the adapter file has no {missing} for this module.")
             channels = module.check_channels(remapped[ch_key], where)
             values = remapped[val_key]
+            check_values(values, where)
             other = module.storage_shape[1 - module.s2ft_axis]
             if values.dim() != 1 or values.numel() != channels.numel() * other:
                 raise InvalidSparseIndicesError(
-                    f"{where}: {channels.numel()} channels need {channels.numel() * other} values, "
-                    f"the file has {values.numel()}."
+                    f"{where}: {channels.numel()} channels need a 1-D tensor of {channels.numel() * other} values, "
+                    f"the file has shape {tuple(values.shape)}."
                 )
+            checked.append((module, channels, values))
+        for module, channels, values in checked:  # every module passed: only now change the layers
             module.set_channels(adapter_name, channels.to(module._weight_device()), values=values)
             module.needs_calibration[adapter_name] = False
         return remapped

@@ -38,9 +38,9 @@ def _weight_2d(module: nn.Module) -> torch.Tensor:
     layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     weight = layer.weight
     if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        from peft.utils.integrations import dequantize_module_weight
+        from .._quantized import dequantized
 
-        weight = dequantize_module_weight(layer)
+        weight = dequantized(layer)
     is_conv1d = type(layer).__name__ == "Conv1D" or (
         isinstance(module, SparseDeltaLayer) and module.fan_in_fan_out
     )

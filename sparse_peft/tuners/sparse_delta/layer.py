@@ -26,6 +26,7 @@ from torch import nn
 import triton_ops
 
 from ...indices import index_dtype, validate_indices
+from .._quantized import base_weight
 
 
 class CalibrationRequiredError(RuntimeError):
@@ -79,7 +80,7 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer):
 
     def dense_weight(self) -> torch.Tensor:
         """The base weight in storage layout (dequantized for quantized bases: a temporary copy)."""
-        return self.get_base_weight()
+        return base_weight(self)
 
     # ----------------------------------------------------------------- adapters
     def update_layer(

@@ -12,7 +12,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...index_codec import decode_indices, encode_indices
-from ...indices import InvalidSparseIndicesError, validate_indices
+from ...indices import (
+    InvalidSparseIndicesError,
+    check_checksums,
+    check_header_shape,
+    check_values,
+    integrity_header,
+    validate_indices,
+)
 from .._twin import twin_adapter
 from .config import SparseDeltaConfig
 from .layer import SparseDeltaLayer, SparseDeltaLinear
@@ -20,7 +27,9 @@ from .layer import SparseDeltaLayer, SparseDeltaLinear
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear4bit / Linear8bitLt"
 
 
-_INDICES, _CODES = ".sparse_delta_indices.", ".sparse_delta_codes."
+_INDICES, _CODES, _VALUES = ".sparse_delta_indices.", ".sparse_delta_codes.", ".sparse_delta_values"
+_HEADER = ".sparse_delta_header"
+_PEFT_PREFIX = "base_model.model."
 
 
 def _is_supported_base(module: nn.Module) -> bool:
@@ -114,11 +123,19 @@ class SparseDeltaModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """Indices go to the file as LEB128-coded gaps (``sparse_delta_codes``): ~1.3 instead of 4 bytes each."""
+        """Indices go to the file as LEB128-coded gaps (``sparse_delta_codes``): ~1.3 instead of 4 bytes each; next to
+        them an integrity header (``sparse_delta_header``: the weight's shape and CRC-32s of indices and values)."""
         saved = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        layers = {name.removeprefix(_PEFT_PREFIX): m for name, m in model.named_modules()
+                  if isinstance(m, SparseDeltaLayer)}
         compact = {}
         for key, value in saved.items():
-            if _INDICES in key:
+            if _INDICES in key:  # "<module>.sparse_delta_indices.<adapter>"
+                module_key, adapter = key.split(_INDICES, 1)
+                layer = layers.get(module_key.removeprefix(_PEFT_PREFIX))
+                values = saved.get(f"{module_key}{_VALUES}.{adapter}")
+                if layer is not None and values is not None:
+                    compact[f"{module_key}{_HEADER}.{adapter}"] = integrity_header(layer.storage_shape, value, values)
                 key, value = key.replace(_INDICES, _CODES), encode_indices(value)
             compact[key] = value
         return compact
@@ -131,30 +148,45 @@ class SparseDeltaModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Validate every index buffer before it touches the model, and size each layer to the file's support."""
+        """Validate every module's indices, values and integrity header before anything touches the model, then size
+        each layer to the file's support. A bad module raises and leaves every layer as it was."""
         state_dict = dict(state_dict)
+        headers = {k.removesuffix(_HEADER).removeprefix(_PEFT_PREFIX): state_dict.pop(k)
+                   for k in [k for k in state_dict if k.endswith(_HEADER)]}
         for key in [k for k in state_dict if k.endswith(_CODES[:-1])]:  # compact files; plain int ones load as is
-            where = f"sparse_delta adapter '{adapter_name}', {key.removeprefix('base_model.model.')}"
+            where = f"sparse_delta adapter '{adapter_name}', {key.removeprefix(_PEFT_PREFIX)}"
             state_dict[key.removesuffix(_CODES[:-1]) + _INDICES[:-1]] = decode_indices(state_dict.pop(key), where)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        resized = []
         for name, module in model.named_modules():
             if not isinstance(module, SparseDeltaLayer) or adapter_name not in module.sparse_delta_values:
                 continue
             idx_key, val_key = (
                 f"{name}.sparse_delta_{kind}.{adapter_name}" for kind in ("indices", "values")
             )
-            where = (
-                f"sparse_delta adapter '{adapter_name}', module '{name.removeprefix('base_model.model.')}'"
-            )
+            where = f"sparse_delta adapter '{adapter_name}', module '{name.removeprefix(_PEFT_PREFIX)}'"
             if idx_key not in remapped or val_key not in remapped:
                 missing = "indices" if idx_key not in remapped else "values"
                 raise InvalidSparseIndicesError(
                     f"{where}: the adapter file has no {missing} for this module."
                 )
             values = remapped[val_key]
+            header = headers.pop(name.removeprefix(_PEFT_PREFIX), None)
+            if header is not None:  # files written before headers existed load without these checks
+                check_header_shape(header, module.storage_shape, where)
+            check_values(values, where)
             indices = validate_indices(remapped[idx_key], module.numel, values=values, where=where)
+            if header is not None:
+                check_checksums(header, indices, values, where)
             remapped[idx_key] = indices
-            if values.numel() != module.sparse_delta_values[adapter_name].numel():
+            resized.append((module, indices))
+        if headers:
+            raise InvalidSparseIndicesError(
+                f"sparse_delta adapter '{adapter_name}': the file has tensors for modules this model does not adapt: "
+                f"{sorted(headers)[:5]} (was target_modules edited, or is it for another model?)."
+            )
+        for module, indices in resized:  # every module passed: only now change the layers
+            if indices.numel() != module.sparse_delta_values[adapter_name].numel():
                 module.set_adapter_indices(adapter_name, indices.to(module._weight_device()))
             module.needs_calibration[adapter_name] = False
         return remapped
