@@ -7,10 +7,12 @@ Every run starts from the embedded model, trains one adapter on one skill with T
 exact match. The budget is LoRA r=8 on every linear layer; sparse deltas and S2FT take the same parameter count,
 SoRA / group-sparse LoRA start at r=8, full fine-tuning trains everything.
 
-Protocol per method: (1) sweep its learning-rate grid with seed 0, scored on the validation split of every skill;
-(2) with the lr of the best mean validation score, train seeds 0..2 and score the test split. Every run is
-appended to the JSON output as it finishes, and a later invocation skips the runs already there, so the table can
-be filled over several invocations (``--methods``, ``--seeds``); the section renders from whatever is complete.
+Protocol per method: (1) train every lr of its grid with seed 0; (2) take the lr with the best mean exact match on
+the validation split over the skills; (3) train seeds 1 and 2 at that lr. Every run scores both splits; the table
+reports the test split of the runs at the chosen lr (seed 0's comes from the sweep: the test split played no part
+in the choice). Every run is appended to the JSON output as it finishes, and a later invocation skips the runs
+already there, so the table can be filled over several invocations (``--methods``, ``--seeds``); the section
+renders from whatever is complete.
 
     python -m benchmarks.quality                          # everything (hours on 2 CPU cores)
     python -m benchmarks.quality --methods "LoRA (PEFT)"  # one method's sweep + seeds
@@ -100,7 +102,7 @@ METHODS = {
         Method("S2FT", (3e-4, 1e-3, 3e-3), _s2ft, composable=True),
     )
 }
-FULL = {"steps": 60, "batch_size": 16, "seeds": [0, 1, 2], "train": 2000, "validation": 100, "test": 200}
+FULL = {"steps": 40, "batch_size": 8, "seeds": [0, 1, 2], "train": 2000, "validation": 50, "test": 100}
 QUICK = {"steps": 2, "batch_size": 4, "seeds": [0], "train": 32, "validation": 8, "test": 8, "lrs": 1}
 
 
@@ -131,11 +133,11 @@ def base_scores(base: Path, skills: list[str], settings: dict[str, Any]) -> dict
 
 
 def run_one(
-    base: Path, method: Method, skill: str, seed: int, lr: float, split: str, settings: dict[str, Any],
-    skills: list[str], keep: Path | None,
+    base: Path, method: Method, skill: str, seed: int, lr: float, settings: dict[str, Any], skills: list[str],
+    keep: Path,
 ) -> dict:
-    """Train ``method`` on ``skill`` at ``lr``; exact match on ``split`` of every skill. Composable adapters of test
-    runs are saved in ``keep`` for the composition test."""
+    """Train ``method`` on ``skill`` at ``lr``; exact match on the validation and the test split of every skill.
+    Composable adapters are saved in ``keep`` for the composition test."""
     import torch
     from transformers import AutoTokenizer
 
@@ -147,30 +149,30 @@ def run_one(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train = skill_dataset(skill, "train", settings["train"], seed=seed)
     run = finetune(model, tokenizer, train, settings["steps"], lr, batch_size=settings["batch_size"], seed=seed)
-    scores = skill_scores(model, tokenizer, skills, split, settings[split])
-    if keep is not None and method.composable:
-        model.save_pretrained(keep / _adapter_folder(method, skill, seed))
-        (keep / _adapter_folder(method, skill, seed) / "quality_run.json").write_text(json.dumps({"lr": lr}))
+    validation = skill_scores(model, tokenizer, skills, "validation", settings["validation"])
+    test = skill_scores(model, tokenizer, skills, "test", settings["test"])
+    if method.composable:
+        model.save_pretrained(keep / _adapter_folder(method, skill, seed, lr))
     return {
         "method": method.name,
         "skill": skill,
         "seed": seed,
         "lr": lr,
-        "split": split,
-        "exact_match": scores[skill],
-        "other_skills": {s: v for s, v in scores.items() if s != skill},
+        "validation": validation[skill],
+        "exact_match": test[skill],
+        "other_skills": {s: v for s, v in test.items() if s != skill},
         "trainable_params": trainable,
         "train_seconds": run.seconds,
         "final_loss": run.final_loss,
     }
 
 
-def _adapter_folder(method: Method, skill: str, seed: int) -> str:
-    return f"{method.name}-{skill}-{seed}".replace(" ", "_").replace("(", "").replace(")", "")
+def _adapter_folder(method: Method, skill: str, seed: int, lr: float) -> str:
+    return f"{method.name}-{skill}-{seed}-{lr:g}".replace(" ", "_").replace("(", "").replace(")", "")
 
 
 def compose_one(
-    base: Path, method: Method, pair: tuple[str, str], seed: int, settings: dict, keep: Path
+    base: Path, method: Method, pair: tuple[str, str], seed: int, lr: float, settings: dict, keep: Path
 ) -> dict:
     """Both skills' adapters in one model as the sum of their deltas: ``sparse_peft.compose`` for sparse
     adapters, PEFT's ``add_weighted_adapter(..., combination_type="cat")`` (the exact sum) for LoRA."""
@@ -180,7 +182,7 @@ def compose_one(
     from sparse_peft import compose
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    folders = [keep / _adapter_folder(method, skill, seed) for skill in pair]
+    folders = [keep / _adapter_folder(method, skill, seed, lr) for skill in pair]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folders[0], adapter_name=pair[0])
     model.load_adapter(folders[1], adapter_name=pair[1])
     if method.config is _lora:
@@ -189,19 +191,21 @@ def compose_one(
         compose(model, list(pair), new_adapter_name="both")
     model.set_adapter("both")
     composed = skill_scores(model, tokenizer, list(pair), "test", settings["test"])
-    return {"method": method.name, "pair": list(pair), "seed": seed, "composed": composed, "lr": _lr_of(folders[0])}
+    return {"method": method.name, "pair": list(pair), "seed": seed, "composed": composed, "lr": lr}
 
 
-def _lr_of(folder: Path) -> float | None:
-    return json.loads((folder / "quality_run.json").read_text())["lr"] if (folder / "quality_run.json").is_file() else None
-
-
-def best_lr(sweep: list[dict], method: str) -> float | None:
-    """The grid lr with the best mean validation exact match over skills (ties: the smaller lr)."""
+def sweep_scores(runs: list[dict], method: str) -> dict[float, list[float]]:
+    """Validation exact match of ``method``'s seed-0 runs, per lr (one entry per skill)."""
     by_lr: dict[float, list[float]] = {}
-    for r in sweep:
-        if r["method"] == method:
-            by_lr.setdefault(r["lr"], []).append(r["exact_match"])
+    for r in runs:
+        if r["method"] == method and r["seed"] == 0:
+            by_lr.setdefault(r["lr"], []).append(r["validation"])
+    return by_lr
+
+
+def best_lr(runs: list[dict], method: str) -> float | None:
+    """The grid lr with the best mean validation exact match over skills (ties: the smaller lr)."""
+    by_lr = sweep_scores(runs, method)
     if not by_lr:
         return None
     return max(sorted(by_lr), key=lambda lr: statistics.fmean(by_lr[lr]))
@@ -235,16 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown skills {sorted(unknown)}; the skills are {list(SKILLS)}")
     base = base_model_path()
-    data: dict[str, Any] = {"sweep": [], "runs": [], "compositions": [], "seconds": 0.0, "commands": []}
+    data: dict[str, Any] = {"runs": [], "compositions": [], "seconds": 0.0, "commands": []}
     if args.out.is_file() and not args.fresh:
         previous = json.loads(args.out.read_text())
-        if previous.get("settings", {}).get("steps") == settings["steps"] and "sweep" in previous:
+        if previous.get("settings", {}).get("steps") == settings["steps"] and "chosen_lr" in previous:
             data = previous
     data.update(settings={**settings, "budget": f"LoRA r={R} on every linear layer"}, skills=skills)
     data["commands"] = list(dict.fromkeys([*data.get("commands", []), " ".join(["python -m benchmarks.quality",
                                                                                    *(argv or sys.argv[1:])])]))
     data["base_model"] = json.loads((base / "build.json").read_text())
     data.setdefault("base_scores", base_scores(base, skills, settings))
+    data.setdefault("chosen_lr", {})
     keep = KEEP if not args.quick else args.out.parent / "quality-adapters"
 
     def done(kind: str, **key: Any) -> bool:
@@ -259,34 +264,40 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(data, indent=2))  # after every run: an interrupted invocation resumes
         print(json.dumps(entry), flush=True)
 
+    def ensure(method: Method, skill: str, seed: int, lr: float) -> None:
+        folder = keep / _adapter_folder(method, skill, seed, lr)
+        if done("runs", method=method.name, skill=skill, seed=seed, lr=lr) and (
+            not method.composable or folder.is_dir()
+        ):
+            return
+        data["runs"] = [r for r in data["runs"] if (r["method"], r["skill"], r["seed"], r["lr"]) !=
+                        (method.name, skill, seed, lr)]
+        record("runs", partial(run_one, base, method, skill, seed, lr, settings, skills, keep))
+
     for method in (METHODS[name] for name in args.methods):
         grid = method.lrs[:grid_size]
-        for lr in grid if len(grid) > 1 else ():  # a one-value grid (--quick) needs no sweep
+        for lr in grid:
             for skill in skills:
-                if not done("sweep", method=method.name, skill=skill, lr=lr):
-                    record("sweep", partial(run_one, base, method, skill, 0, lr, "validation", settings, skills, None))
-        lr = best_lr(data["sweep"], method.name) if len(grid) > 1 else grid[0]
+                ensure(method, skill, min(seeds), lr)
+        lr = best_lr(data["runs"], method.name) if len(grid) > 1 else grid[0]
+        data["chosen_lr"][method.name] = lr
         for seed in seeds:
             for skill in skills:
-                if not done("runs", method=method.name, skill=skill, seed=seed, lr=lr) or (
-                    method.composable and not (keep / _adapter_folder(method, skill, seed)).is_dir()
-                ):
-                    data["runs"] = [r for r in data["runs"]
-                                    if (r["method"], r["skill"], r["seed"]) != (method.name, skill, seed)]
-                    record("runs", partial(run_one, base, method, skill, seed, lr, "test", settings, skills, keep))
+                ensure(method, skill, seed, lr)
             if method.composable and set(COMPOSED) <= set(skills) and not done(
                 "compositions", method=method.name, seed=seed, lr=lr
             ):
                 data["compositions"] = [c for c in data["compositions"]
                                         if (c["method"], c["seed"]) != (method.name, seed)]
-                record("compositions", partial(compose_one, base, method, COMPOSED, seed, settings, keep))
+                record("compositions", partial(compose_one, base, method, COMPOSED, seed, lr, settings, keep))
     return save_section(data, args.out, render)
 
 
 def render(data: dict[str, Any]) -> str:
     """Markdown section: the lr sweep, exact match per method and skill (mean ± std over seeds), then the
     composition table."""
-    skills, runs = data["skills"], data["runs"]
+    skills, chosen = data["skills"], data["chosen_lr"]
+    runs = [r for r in data["runs"] if chosen.get(r["method"]) == r["lr"]]  # the table: runs at the chosen lr
     methods = list(dict.fromkeys(r["method"] for r in runs))
     cell: dict[tuple[str, str], list[float]] = {}
     for r in runs:
@@ -300,37 +311,34 @@ def render(data: dict[str, Any]) -> str:
         f"{build['source']['license']}, from the `{build['source']['package']}` package). Each run trains one "
         f"adapter on one skill for {s['steps']} steps (batch {s['batch_size']}, TRL SFTTrainer, cosine schedule, "
         f"plain prompt format) at the budget {s['budget']}. Learning rate: per method, the grid value with the "
-        f"best mean validation exact match ({s['validation']} validation prompts per skill, seed 0; sweep below); "
-        f"then seeds {', '.join(map(str, seeds))} at that lr, scored on {s['test']} test prompts per skill; "
-        "mean ± std over seeds.",
+        f"best mean validation exact match over the skills ({s['validation']} validation prompts per skill, seed 0; "
+        f"sweep below); the table is the test split ({s['test']} prompts per skill) of seeds "
+        f"{', '.join(map(str, seeds))} at that lr, mean ± std over seeds.",
         "",
-        "| method | lr | trainable params | " + " | ".join(skills) + " | mean |",
-        "|---|---|---|" + "---|" * (len(skills) + 1),
+        "| method | lr | trainable params | seeds | " + " | ".join(skills) + " | mean |",
+        "|---|---|---|---|" + "---|" * (len(skills) + 1),
     ]
     base = data["base_scores"]
     lines.append(
-        "| base model (no training) | — | 0 | " + " | ".join(f"{base[k]:.1%}" for k in skills)
+        "| base model (no training) | — | 0 | — | " + " | ".join(f"{base[k]:.1%}" for k in skills)
         + f" | {statistics.fmean(base[k] for k in skills):.1%} |"
     )
     for m in methods:
         rows = [r for r in runs if r["method"] == m]
         means = [statistics.fmean(cell[(m, k)]) for k in skills if (m, k) in cell]
         lines.append(
-            f"| {m} | {rows[0]['lr']:g} | {rows[0]['trainable_params']:,} | "
+            f"| {m} | {chosen[m]:g} | {rows[0]['trainable_params']:,} | {len({r['seed'] for r in rows})} | "
             + " | ".join(mean_std(cell[(m, k)], ".1%") if (m, k) in cell else "—" for k in skills)
             + f" | {statistics.fmean(means):.1%} |"
         )
-    if data["sweep"]:
-        lines += ["", "Learning-rate sweep (seed 0, validation exact match, mean over skills; * = chosen):", "",
-                  "| method | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " |", "|---|---|---|---|"]
-        for m in dict.fromkeys(r["method"] for r in data["sweep"]):
-            chosen = best_lr(data["sweep"], m)
-            by_lr: dict[float, list[float]] = {}
-            for r in data["sweep"]:
-                if r["method"] == m:
-                    by_lr.setdefault(r["lr"], []).append(r["exact_match"])
-            cells = [f"{lr:g}: {statistics.fmean(v):.1%}{'*' if lr == chosen else ''}" for lr, v in sorted(by_lr.items())]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    swept = [m for m in dict.fromkeys(r["method"] for r in data["runs"]) if len(sweep_scores(data["runs"], m)) > 1]
+    if swept:
+        lines += ["", "Learning-rate sweep (seed 0; validation exact match, mean over the skills; * = chosen):", "",
+                  "| method | lr grid → validation |", "|---|---|"]
+        for m in swept:
+            cells = [f"{lr:g}: {statistics.fmean(v):.1%}{'*' if lr == chosen.get(m) else ''}"
+                     for lr, v in sorted(sweep_scores(data["runs"], m).items())]
+            lines.append(f"| {m} | " + ", ".join(cells) + " |")
     if data["compositions"]:
         pair = data["compositions"][0]["pair"]
         lines += [

@@ -16,7 +16,7 @@ def test_quick_quality_run_covers_every_method(tmp_path, embedded_model_path):
     methods = {r["method"] for r in data["runs"]}
     assert methods == set(quality.METHODS)
     for run in data["runs"]:
-        assert run["split"] == "test" and run["lr"] == quality.METHODS[run["method"]].lrs[0]
+        assert run["lr"] == quality.METHODS[run["method"]].lrs[0] and 0.0 <= run["validation"] <= 1.0
         assert 0.0 <= run["exact_match"] <= 1.0 and run["trainable_params"] > 0 and run["train_seconds"] > 0
     budget = {r["method"]: r["trainable_params"] for r in data["runs"]}
     lora = budget["LoRA (PEFT)"]
@@ -35,13 +35,13 @@ def test_quick_quality_run_covers_every_method(tmp_path, embedded_model_path):
 
 def test_the_learning_rate_is_the_best_mean_validation_score():
     sweep = [
-        {"method": "m", "lr": 1e-3, "skill": "a", "exact_match": 0.9},
-        {"method": "m", "lr": 1e-3, "skill": "b", "exact_match": 0.1},
-        {"method": "m", "lr": 3e-3, "skill": "a", "exact_match": 0.6},
-        {"method": "m", "lr": 3e-3, "skill": "b", "exact_match": 0.6},
-        {"method": "m", "lr": 1e-2, "skill": "a", "exact_match": 0.6},
-        {"method": "m", "lr": 1e-2, "skill": "b", "exact_match": 0.6},
-        {"method": "other", "lr": 1.0, "skill": "a", "exact_match": 1.0},
+        {"method": "m", "lr": 1e-3, "skill": "a", "validation": 0.9, "seed": 0},
+        {"method": "m", "lr": 1e-3, "skill": "b", "validation": 0.1, "seed": 0},
+        {"method": "m", "lr": 3e-3, "skill": "a", "validation": 0.6, "seed": 0},
+        {"method": "m", "lr": 3e-3, "skill": "b", "validation": 0.6, "seed": 0},
+        {"method": "m", "lr": 1e-2, "skill": "a", "validation": 0.6, "seed": 0},
+        {"method": "m", "lr": 1e-2, "skill": "b", "validation": 0.6, "seed": 0},
+        {"method": "other", "lr": 1.0, "skill": "a", "validation": 1.0, "seed": 0},
     ]
     assert quality.best_lr(sweep, "m") == 3e-3  # best mean; the tie with 1e-2 goes to the smaller lr
     assert quality.best_lr(sweep, "missing") is None
