@@ -100,17 +100,20 @@ def check_bnb(make_config: Callable[..., object], bits: int, tmp_path: Path) -> 
     path = tmp_path / "base-quantizable-llama"
     quantizable_llama(0).save_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu")
-    ref = output(base)
     model = get_peft_model(base, make_config(target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False))
     assert all(layer.quantization_backend is not None for layer in layers(model))
-    y = output(model)
-    assert torch.isfinite(y).all() and not torch.allclose(y, ref, atol=1e-3)
-    with model.disable_adapter():
-        assert torch.equal(output(model), ref)
+    # train before the first inference forward: on AVX512-BF16 CPUs bitsandbytes 0.50 moves a 4-bit layer to an
+    # inference-only kernel at its first eval forward, after which no gradient flows through frozen 4-bit layers
     model.train()
     model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
     assert all(layer.weight_A("default").grad is not None for layer in layers(model))
     model.eval()
+    with model.disable_adapter():
+        ref = output(model)
+    plain = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu")
+    assert torch.equal(ref, output(plain))  # disabled = exactly the quantized base
+    y = output(model)
+    assert torch.isfinite(y).all() and not torch.allclose(y, ref, atol=1e-3)
     model.merge_adapter()  # requantization: close, not equal
     drift = (output(model) - y).abs().max() / (y - ref).abs().max()
     assert drift < 0.5, f"merged output moved by {drift:.2f} of the adapter's effect"
