@@ -287,3 +287,20 @@ def test_cli_train_bad_data_files_give_one_line_and_exit_2(tmp_path, content, me
         capture_output=True, text=True,
     )
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+def test_a_damaged_file_is_refused_before_the_model_is_wrapped_or_the_name_registered(tmp_path, saved):
+    folder, tensors, _, _ = saved
+    (tmp_path / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
+    damaged = {k: v.clone() for k, v in tensors.items()}
+    key = next(k for k in damaged if k.endswith("sparse_delta_values"))
+    damaged[key][0] += 1.0  # a finite, plausible value: only the checksum can tell
+    save_file(damaged, tmp_path / "adapter_model.safetensors")
+    base = tiny_llama()
+    with pytest.raises(InvalidSparseIndicesError, match="checksum"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, sparse_peft.SparseDeltaLayer) for m in base.modules())  # not wrapped
+    model = PeftModel.from_pretrained(tiny_llama(), folder)
+    with pytest.raises(InvalidSparseIndicesError, match="checksum"):
+        model.load_adapter(tmp_path, adapter_name="x")
+    assert "x" not in model.peft_config and set(model.peft_config) == {"default"}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -196,6 +197,21 @@ class SparseDeltaConfig(PeftConfig):
         else:
             decay = 0.5 * (1.0 + math.cos(math.pi * progress))
         return float(self.reselect_fraction) * decay
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """PEFT reads the config before it wraps the model and loads the weights (``PeftModel.from_pretrained``,
+        ``load_adapter``): a local adapter file is checked here, so a damaged one is refused before anything is
+        wrapped or registered. (A file made for another model size is refused at load time, leaving the model
+        wrapped with an untrained adapter.)"""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        weights = os.path.join(folder, "adapter_model.safetensors")
+        if os.path.isfile(weights):
+            from .model import check_adapter_file
+
+            check_adapter_file(weights)
+        return config
 
     def budget(self, n_rows: int, n_cols: int) -> int:
         """Number of trainable entries for one ``n_rows x n_cols`` matrix."""

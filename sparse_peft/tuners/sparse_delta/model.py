@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +38,54 @@ def _is_supported_base(module: nn.Module) -> bool:
         return True
     backend = resolve_quantization_backend(module)
     return backend is not None and backend.layer_type == "linear"
+
+
+def check_module_tensors(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    header: torch.Tensor | None,
+    shape: tuple[int, int] | None,
+    where: str,
+) -> torch.Tensor:
+    """Every check of one module's saved delta; returns the indices in their canonical dtype. ``shape`` is the
+    model's weight (``None`` when checking a file on its own: the header's shape bounds the indices then). Files
+    written before headers existed get every check but the shape and the checksums."""
+    if header is not None:
+        check_header_shape(header, shape or (int(header[0]), int(header[1])), where)
+        shape = shape or (int(header[0]), int(header[1]))
+    check_values(values, where)
+    numel = shape[0] * shape[1] if shape is not None else torch.iinfo(torch.int64).max
+    indices = validate_indices(indices, numel, values=values, where=where)
+    if header is not None:
+        check_checksums(header, indices, values, where)
+    return indices
+
+
+def check_adapter_file(path: str | Path) -> None:
+    """Check a saved SPARSE_DELTA adapter file on its own, before any model is wrapped or changed: it parses, and
+    every module's indices, values and integrity header pass :func:`check_module_tensors`. Raises
+    ``CorruptAdapterFileError`` / ``InvalidSparseIndicesError`` naming the file or module."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ...registry import CorruptAdapterFileError
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CorruptAdapterFileError(
+            f"Cannot read adapter file {path}: it is truncated or not a valid safetensors file ({err})."
+        ) from err
+    for key in [k for k in tensors if k.endswith(_VALUES)]:
+        module = key.removesuffix(_VALUES)
+        where = f"sparse_delta adapter file {path}, module '{module.removeprefix(_PEFT_PREFIX)}'"
+        if module + _CODES[:-1] in tensors:
+            indices = decode_indices(tensors[module + _CODES[:-1]], where)
+        elif module + _INDICES[:-1] in tensors:
+            indices = tensors[module + _INDICES[:-1]]
+        else:
+            raise InvalidSparseIndicesError(f"{where}: the adapter file has no indices for this module.")
+        check_module_tensors(indices, tensors[key], tensors.get(module + _HEADER), None, where)
 
 
 class SparseDeltaModel(BaseTuner):
@@ -172,12 +221,7 @@ class SparseDeltaModel(BaseTuner):
                 )
             values = remapped[val_key]
             header = headers.pop(name.removeprefix(_PEFT_PREFIX), None)
-            if header is not None:  # files written before headers existed load without these checks
-                check_header_shape(header, module.storage_shape, where)
-            check_values(values, where)
-            indices = validate_indices(remapped[idx_key], module.numel, values=values, where=where)
-            if header is not None:
-                check_checksums(header, indices, values, where)
+            indices = check_module_tensors(remapped[idx_key], values, header, module.storage_shape, where)
             remapped[idx_key] = indices
             resized.append((module, indices))
         if headers:
