@@ -264,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(data, indent=2))  # after every run: an interrupted invocation resumes
         print(json.dumps(entry), flush=True)
 
-    def ensure(method: Method, skill: str, seed: int, lr: float) -> None:
+    def ensure(method: Method, skill: str, seed: int, lr: float, adapter_needed: bool) -> None:
+        """Run unless recorded; a composable run at the chosen lr is redone if its adapter (kept for the
+        composition test, in a folder that does not travel with the repo) is gone."""
         folder = keep / _adapter_folder(method, skill, seed, lr)
         if done("runs", method=method.name, skill=skill, seed=seed, lr=lr) and (
-            not method.composable or folder.is_dir()
+            not (adapter_needed and method.composable) or folder.is_dir()
         ):
             return
         data["runs"] = [r for r in data["runs"] if (r["method"], r["skill"], r["seed"], r["lr"]) !=
@@ -278,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         grid = method.lrs[:grid_size]
         for lr in grid:
             for skill in skills:
-                ensure(method, skill, min(seeds), lr)
+                ensure(method, skill, min(seeds), lr, adapter_needed=False)
         lr = best_lr(data["runs"], method.name) if len(grid) > 1 else grid[0]
         data["chosen_lr"][method.name] = lr
         for seed in seeds:
             for skill in skills:
-                ensure(method, skill, seed, lr)
+                ensure(method, skill, seed, lr, adapter_needed=True)
             if method.composable and set(COMPOSED) <= set(skills) and not done(
                 "compositions", method=method.name, seed=seed, lr=lr
             ):
