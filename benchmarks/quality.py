@@ -284,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         lr = best_lr(data["runs"], method.name) if len(grid) > 1 else grid[0]
         data["chosen_lr"][method.name] = lr
         for seed in seeds:
+            composed = done("compositions", method=method.name, seed=seed, lr=lr)
             for skill in skills:
-                ensure(method, skill, seed, lr, adapter_needed=True)
+                ensure(method, skill, seed, lr, adapter_needed=not composed)
             if method.composable and set(COMPOSED) <= set(skills) and not done(
                 "compositions", method=method.name, seed=seed, lr=lr
             ):
