@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -245,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         if previous.get("settings", {}).get("steps") == settings["steps"] and "chosen_lr" in previous:
             data = previous
     data.update(settings={**settings, "budget": f"LoRA r={R} on every linear layer"}, skills=skills)
-    data["commands"] = list(dict.fromkeys([*data.get("commands", []), " ".join(["python -m benchmarks.quality",
-                                                                                   *(argv or sys.argv[1:])])]))
+    command = " ".join(["python -m benchmarks.quality", shlex.join(argv if argv is not None else sys.argv[1:])])
+    data["commands"] = list(dict.fromkeys([*data.get("commands", []), command.strip()]))
     data["base_model"] = json.loads((base / "build.json").read_text())
     data.setdefault("base_scores", base_scores(base, skills, settings))
     data.setdefault("chosen_lr", {})
