@@ -86,17 +86,21 @@ def integrity_header(shape: tuple[int, int], indices: torch.Tensor, values: torc
     )
 
 
-def check_header_shape(header: torch.Tensor, shape: tuple[int, int], where: str) -> None:
+def check_header_shape(header: torch.Tensor, shape: tuple[int, int] | None, where: str) -> tuple[int, int]:
     """Raise unless ``header`` (from :func:`integrity_header`) is well-formed and was made for a weight of ``shape``
-    (checked before the indices, so an adapter for another model size is named as such)."""
+    (checked before the indices, so an adapter for another model size is named as such). Returns the shape the
+    indices address: ``shape``, or the header's own when ``shape`` is None (a file checked on its own)."""
     if not isinstance(header, torch.Tensor) or header.dtype != torch.int64 or header.shape != (4,):
         raise InvalidSparseIndicesError(f"{where}: the integrity header is malformed (the file is damaged).")
     rows, cols = int(header[0]), int(header[1])
+    if shape is None:
+        return rows, cols
     if (rows, cols) != tuple(shape):
         raise InvalidSparseIndicesError(
             f"{where}: the adapter was made for a {rows}x{cols} weight but this model's weight is "
             f"{shape[0]}x{shape[1]} (an adapter for another model or size?)."
         )
+    return rows, cols
 
 
 def check_checksums(header: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, where: str) -> None:

@@ -71,11 +71,7 @@ class FusedSparseLinearFn(torch.autograd.Function):
         ctx.save_for_backward(x_saved, weight, values, indices, channels)
         ctx.scale, ctx.fan_in_fan_out, ctx.has_bias = scale, fan_in_fan_out, bias is not None
         with _delta_in(weight, values, indices, scale) as fused:
-            if fan_in_fan_out:
-                out = x @ fused
-                out = out + bias if bias is not None else out
-            else:
-                out = F.linear(x, fused, bias)
+            out = _dense_linear(x, fused, bias, fan_in_fan_out)
         ctx.compute_dtype = out.dtype  # differs from weight.dtype under autocast
         return out
 
@@ -101,6 +97,16 @@ class FusedSparseLinearFn(torch.autograd.Function):
                 grad_values = _values_grad(dy, x, indices, tuple(weight.shape), ctx.fan_in_fan_out)
             grad_values = (grad_values * ctx.scale).to(values.dtype)
         return grad_x, grad_weight, grad_bias, grad_values, None, None, None, None, None
+
+
+def _dense_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool
+) -> torch.Tensor:
+    """The base layer's own product: ``x @ W`` (+ bias) for Conv1D storage, ``F.linear`` for Linear storage."""
+    if fan_in_fan_out:
+        out = x @ weight
+        return out + bias if bias is not None else out
+    return F.linear(x, weight, bias)
 
 
 _WEIGHT_LOCKS: dict[int, threading.Lock] = {}
@@ -170,10 +176,7 @@ def fused_sparse_linear(
     if not torch.is_grad_enabled():
         fused = weight.detach().clone()
         _with_delta(fused, values, indices, scale)
-        if fan_in_fan_out:
-            out = x @ fused
-            return out + bias if bias is not None else out
-        return F.linear(x, fused, bias)
+        return _dense_linear(x, fused, bias, fan_in_fan_out)
     return FusedSparseLinearFn.apply(
         x, weight, bias, values, indices, float(scale), fan_in_fan_out, axis, channels
     )

@@ -51,8 +51,7 @@ def check_module_tensors(
     model's weight (``None`` when checking a file on its own: the header's shape bounds the indices then). Files
     written before headers existed get every check but the shape and the checksums."""
     if header is not None:
-        check_header_shape(header, shape or (int(header[0]), int(header[1])), where)
-        shape = shape or (int(header[0]), int(header[1]))
+        shape = check_header_shape(header, shape, where)
     check_values(values, where)
     numel = shape[0] * shape[1] if shape is not None else torch.iinfo(torch.int64).max
     indices = validate_indices(indices, numel, values=values, where=where)
