@@ -25,6 +25,7 @@ _register_all()
 from .compose import compose  # noqa: E402
 from .export import export_to_lora  # noqa: E402
 from .extraction import ExtractionReport, extract_sparse_delta  # noqa: E402
+from .indices import CorruptAdapterFileError, InvalidSparseIndicesError  # noqa: E402
 from .masks import SparseMask  # noqa: E402
 from .proximal import apply_proximal_step  # noqa: E402
 from .selection import select_masks  # noqa: E402
@@ -36,7 +37,9 @@ from .tuners.sparse_delta import SparseDeltaConfig, SparseDeltaLayer, SparseDelt
 __version__ = "0.1.0"
 
 __all__ = [
+    "CorruptAdapterFileError",
     "ExtractionReport",
+    "InvalidSparseIndicesError",
     "SparseMask",
     "compose",
     "extract_sparse_delta",

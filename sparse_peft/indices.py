@@ -19,6 +19,10 @@ class InvalidSparseIndicesError(ValueError):
     """Indices or values of a sparse delta are malformed (range, order, duplicates, dtype, count)."""
 
 
+class CorruptAdapterFileError(ValueError):
+    """An adapter weights file could not be read (truncated, not safetensors, damaged header)."""
+
+
 def index_dtype(numel: int) -> torch.dtype:
     """Smallest index dtype that addresses ``numel`` entries."""
     return torch.int32 if numel - 1 <= INT32_MAX else torch.int64

@@ -25,10 +25,6 @@ class UnsupportedPeftVersionError(ImportError):
     """Raised when the installed PEFT's internals differ from what the registration relies on."""
 
 
-class CorruptAdapterFileError(ValueError):
-    """An adapter weights file could not be read (truncated, not safetensors, damaged header)."""
-
-
 @dataclass(frozen=True)
 class MethodSpec:
     """Where one method's config and tuner classes live."""
@@ -99,37 +95,10 @@ def _extend_peft_type_enum(names: tuple[str, ...]) -> None:
         _fail("has a PeftType that is not an Enum")
 
 
-def _install_clear_load_errors() -> None:
-    """Make a damaged ``adapter_model.safetensors`` fail with an error naming the file.
-
-    safetensors' own message ("Error while deserializing header: ...") names neither the file nor the cause a
-    user can act on; PEFT reads adapter files through ``save_and_load.safe_load_file``, so we wrap that name.
-    """
-    from peft.utils import save_and_load
-    from safetensors import SafetensorError
-
-    original = save_and_load.safe_load_file
-    if getattr(original, "_sparse_peft_wrapped", False):
-        return
-
-    def safe_load_file(filename, *args, **kwargs):
-        try:
-            return original(filename, *args, **kwargs)
-        except SafetensorError as err:
-            raise CorruptAdapterFileError(
-                f"Cannot read adapter file {filename}: it is truncated or not a valid safetensors file ({err}). "
-                "Re-save or re-download the adapter."
-            ) from err
-
-    safe_load_file._sparse_peft_wrapped = True  # type: ignore[attr-defined]
-    save_and_load.safe_load_file = safe_load_file
-
-
 def register_all() -> None:
     """Extend ``PeftType`` and register every method; safe to call any number of times."""
     check_peft_version()
     _extend_peft_type_enum(PEFT_TYPE_NAMES)
-    _install_clear_load_errors()
 
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from peft.utils import PeftType, register_peft_method

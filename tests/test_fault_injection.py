@@ -20,8 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import sparse_peft  # noqa: F401
 from sparse_peft import S2FTConfig, SparseDeltaConfig
 from sparse_peft.embedded.toy import VOCAB, tiny_llama
-from sparse_peft.indices import InvalidSparseIndicesError
-from sparse_peft.registry import CorruptAdapterFileError
+from sparse_peft.indices import CorruptAdapterFileError, InvalidSparseIndicesError
 
 REFUSED = (InvalidSparseIndicesError, CorruptAdapterFileError)
 CONFIGS = {
@@ -43,6 +42,14 @@ def assert_bit_identical(before: dict[str, torch.Tensor], model: torch.nn.Module
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"base weights changed: {changed[:5]}"
+
+
+def assert_untouched(before: dict[str, torch.Tensor], base: torch.nn.Module) -> None:
+    """A failed ``PeftModel.from_pretrained`` leaves the user's model unwrapped, trainable and bit-identical."""
+    assert not any(isinstance(m, sparse_peft.SparseDeltaLayer) for m in base.modules()), "left wrapped"
+    assert all(p.requires_grad for p in base.parameters()), "trainable flags changed"
+    assert not hasattr(base, "peft_config")
+    assert_bit_identical(before, base)
 
 
 def llama(hidden: int) -> LlamaForCausalLM:
@@ -113,16 +120,35 @@ def test_an_adapter_for_another_model_size_is_refused_naming_both_shapes(tmp_pat
     before = base_state(base)
     with pytest.raises(InvalidSparseIndicesError, match=rf"made for a \d+x{saved} weight .* is \d+x{loaded}"):
         PeftModel.from_pretrained(base, tmp_path)
-    assert_bit_identical(before, base)
+    assert_untouched(before, base)
 
 
-def test_s2ft_for_another_model_size_is_refused(tmp_path):
-    get_peft_model(llama(64), CONFIGS["s2ft"]()).save_pretrained(tmp_path)
-    base = llama(96)
+@pytest.mark.parametrize("saved, loaded", [(64, 96), (96, 64)])
+def test_s2ft_for_another_model_size_is_refused(tmp_path, saved, loaded):
+    get_peft_model(llama(saved), CONFIGS["s2ft"]()).save_pretrained(tmp_path)
+    base = llama(loaded)
     before = base_state(base)
-    with pytest.raises(REFUSED):
+    with pytest.raises(InvalidSparseIndicesError, match=rf"made for a .*{saved}.* weight .* is .*{loaded}"):
         PeftModel.from_pretrained(base, tmp_path)
-    assert_bit_identical(before, base)
+    assert_untouched(before, base)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_a_failed_load_under_a_new_name_leaves_the_model_as_it_was(tmp_path, kind):
+    """An intact file for another model size, loaded next to an existing adapter: the new name is not registered,
+    the existing layers keep exactly their adapters, values and trainable flags."""
+    get_peft_model(llama(96), CONFIGS[kind]()).save_pretrained(tmp_path)
+    model = get_peft_model(llama(64), CONFIGS[kind](seed=3))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    layers = {k: type(m) for k, m in model.named_modules()}
+    with pytest.raises(InvalidSparseIndicesError, match="made for a"):
+        model.load_adapter(tmp_path, adapter_name="other")
+    assert set(model.peft_config) == {"default"}
+    assert {k: type(m) for k, m in model.named_modules()} == layers
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert flags == {k: p.requires_grad for k, p in model.named_parameters()}
 
 
 # ------------------------------------------------------------------ damaged files
@@ -200,15 +226,32 @@ def test_files_without_integrity_headers_still_load(tmp_path, saved):
     assert _load_outcome(tmp_path, probe, logits) == "exact"
 
 
-def test_headers_of_modules_the_model_does_not_adapt_are_named(tmp_path, saved):
+@pytest.mark.parametrize("edit", ["extra module", "header only", "unknown tensor", "missing module"])
+def test_tensors_that_do_not_fit_the_adapted_modules_are_named(tmp_path, saved, edit):
+    """A file edited to cover other modules than the config targets, or carrying tensors nobody reads, is refused
+    naming the module, and the base model is left unwrapped."""
     folder, tensors, probe, logits = saved
     (tmp_path / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
-    extra = dict(tensors)
-    header = next(k for k in tensors if k.endswith("sparse_delta_header"))
-    extra[header.replace("layers.0", "layers.7")] = tensors[header].clone()
-    save_file(extra, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(InvalidSparseIndicesError, match="modules this model does not adapt.*layers.7"):
-        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    first = next(k for k in tensors if k.endswith("sparse_delta_header")).removesuffix(".sparse_delta_header")
+    edited = dict(tensors)
+    module = [k for k in tensors if k.startswith(first + ".")]
+    if edit == "extra module":
+        edited |= {k.replace("layers.0", "layers.7"): tensors[k].clone() for k in module}
+        message = "modules this model does not adapt.*layers.7"
+    elif edit == "header only":
+        edited[module[0].replace("layers.0", "layers.7")] = tensors[module[0]].clone()
+        message = "layers.7"
+    elif edit == "unknown tensor":
+        edited[first + ".sparse_delta_scale"] = torch.ones(1)
+        message = "unknown tensors.*sparse_delta_scale"
+    else:
+        edited = {k: v for k, v in tensors.items() if k not in module}
+        message = "no tensors for 1 adapted module"
+    save_file(edited, tmp_path / "adapter_model.safetensors")
+    base = tiny_llama()
+    with pytest.raises(InvalidSparseIndicesError, match=message):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, sparse_peft.SparseDeltaLayer) for m in base.modules())
 
 
 # ------------------------------------------------------------------ values
@@ -304,3 +347,22 @@ def test_a_damaged_file_is_refused_before_the_model_is_wrapped_or_the_name_regis
     with pytest.raises(InvalidSparseIndicesError, match="checksum"):
         model.load_adapter(tmp_path, adapter_name="x")
     assert "x" not in model.peft_config and set(model.peft_config) == {"default"}
+
+
+def test_s2ft_files_carry_an_integrity_header_that_a_changed_channel_trips(tmp_path):
+    """Moving one channel id to another valid, unused one keeps the file well-formed: only the checksum tells."""
+    model = get_peft_model(tiny_llama(), CONFIGS["s2ft"]())
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    assert any(k.endswith("s2ft_header") for k in tensors)
+    key = next(k for k in tensors if k.endswith("s2ft_channels"))
+    channels = tensors[key]
+    gaps = sorted(set(range(int(channels.max()))) - set(channels.tolist()))
+    channels[0] = gaps[0]  # channels_ratio 0.5 leaves gaps below the largest id
+    tensors[key] = channels.sort().values
+    save_file(tensors, path)
+    base = tiny_llama()
+    with pytest.raises(InvalidSparseIndicesError, match="checksum"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, sparse_peft.SparseDeltaLayer) for m in base.modules())

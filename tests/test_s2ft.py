@@ -252,12 +252,13 @@ def _saved(tmp_path, arch: str = "llama") -> tuple[PeftModel, dict[str, torch.Te
 
 
 def test_file_holds_values_and_channel_ids_only(tmp_path):
+    """Values, channel ids and a 4-int integrity header (shape + checksums) per module: no flat indices."""
     model, tensors = _saved(tmp_path)
     n_values = model.get_nb_trainable_parameters()[0]
-    assert {k.rsplit(".", 1)[-1] for k in tensors} == {"s2ft_values", "s2ft_channels"}
+    assert {k.rsplit(".", 1)[-1] for k in tensors} == {"s2ft_values", "s2ft_channels", "s2ft_header"}
     value_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith("values"))
     assert value_bytes == 4 * n_values
-    index_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith("channels"))
+    index_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if not k.endswith("values"))
     assert index_bytes < 0.1 * value_bytes
     reloaded = PeftModel.from_pretrained(_tiny(), tmp_path)
     batch = ARCHS["llama"].batch()

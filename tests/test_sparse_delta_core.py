@@ -19,9 +19,13 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM
 import sparse_peft
 from sparse_peft import SparseDeltaConfig, SparseDeltaLayer, select_masks
 from sparse_peft.index_codec import decode_indices
-from sparse_peft.indices import InvalidSparseIndicesError, index_dtype, validate_indices
-from sparse_peft.registry import (
+from sparse_peft.indices import (
     CorruptAdapterFileError,
+    InvalidSparseIndicesError,
+    index_dtype,
+    validate_indices,
+)
+from sparse_peft.registry import (
     UnsupportedPeftVersionError,
     check_peft_version,
     register_all,
@@ -213,6 +217,13 @@ def test_corrupt_adapter_file_is_rejected_and_base_untouched(tmp_path, how, mess
     }
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_importing_sparse_peft_leaves_pefts_file_reader_alone():
+    from peft.utils import save_and_load
+    from safetensors.torch import load_file as safetensors_load_file
+
+    assert save_and_load.safe_load_file is safetensors_load_file
 
 
 def test_truncated_adapter_file_names_the_file(tmp_path):

@@ -109,16 +109,15 @@ def _dense_linear(
     return F.linear(x, weight, bias)
 
 
-_WEIGHT_LOCKS: dict[int, threading.Lock] = {}
-_WEIGHT_LOCKS_GUARD = threading.Lock()
+_WEIGHT_LOCKS = tuple(threading.Lock() for _ in range(256))
+"""Striped by storage address: bounded memory, no registry to clean up; two weights rarely share a stripe, and if
+they do their fused sections only take turns."""
 
 
 def _weight_lock(weight: torch.Tensor) -> threading.Lock:
-    """One lock per weight storage: the fused write, the matmul and the restore run as one unit, so two threads
+    """The lock of a weight's storage: the fused write, the matmul and the restore run as one unit, so two threads
     training through the same layer never read each other's delta as the "originals"."""
-    key = weight.untyped_storage().data_ptr()
-    with _WEIGHT_LOCKS_GUARD:
-        return _WEIGHT_LOCKS.setdefault(key, threading.Lock())
+    return _WEIGHT_LOCKS[hash(weight.untyped_storage().data_ptr()) % len(_WEIGHT_LOCKS)]
 
 
 def _with_delta(data: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from ..sparse_delta.adapter_file import remember_weights_file
 from .architecture import ROLES
 
 S2FT_SELECTIONS = ("random", "weight", "activation", "gradient")
@@ -96,3 +97,11 @@ class S2FTConfig(PeftConfig):
             raise ValueError("s2ft module_roles must be a dict mapping roles to module-name suffixes.")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """PEFT's, noting the local weights file: the injection that follows takes each module's channels from it
+        (no plan drawn and thrown away) and refuses a file that does not fit the model, leaving it as it was."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        remember_weights_file(config, pretrained_model_name_or_path, subfolder)
+        return config

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from ...indices import InvalidSparseIndicesError, check_values
+from ...indices import InvalidSparseIndicesError, check_checksums, check_header_shape, check_values
+from ..sparse_delta.adapter_file import ModuleRecord
 from ..sparse_delta.model import SparseDeltaModel, _is_supported_base
 from .architecture import Architecture, resolve_architecture
 from .config import S2FTConfig
@@ -23,6 +24,8 @@ class S2FTModel(SparseDeltaModel):
     prefix: str = "s2ft_"
     tuner_layer_cls = S2FTLinear
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    support_name = "s2ft_channels"
+    values_name = "s2ft_values"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._s2ft_plans: dict[str, dict[str, torch.Tensor]] = {}
@@ -113,8 +116,12 @@ class S2FTModel(SparseDeltaModel):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        if adapter_name not in self._s2ft_plans:
-            self._s2ft_plans[adapter_name] = self.plan(config, adapter_name)
+        loading = self._loading.get(adapter_name)
+        if adapter_name not in self._s2ft_plans:  # a loaded adapter's plan is its file's channels
+            self._s2ft_plans[adapter_name] = (
+                self.plan(config, adapter_name) if loading is None
+                else {name: record.support for name, record in loading.items()}
+            )
         plan = self._s2ft_plans[adapter_name]
         if current_key not in plan or plan[current_key].numel() == 0:
             return  # no channel of this module is trained under this budget: leave it alone
@@ -124,6 +131,8 @@ class S2FTModel(SparseDeltaModel):
             layer, new = self._create_new_module(config, adapter_name, target, current_key), True
         twin = self._twin_adapter(config, adapter_name, layer)
         channels, values = plan[current_key], None
+        if loading is not None:
+            channels = self._loaded_support(adapter_name, current_key, layer)
         if twin is not None:  # TRL's "ref" adapter: an exact copy of the adapter it was made from
             channels = layer.channels(twin).clone()
             values = layer.sparse_delta_values[twin].detach().clone()
@@ -135,6 +144,7 @@ class S2FTModel(SparseDeltaModel):
             fused=config.fused,
             needs_calibration=twin is None
             and config.selection in ("activation", "gradient")
+            and loading is None
             and not config.inference_mode,
             inference_mode=config.inference_mode,
         )
@@ -161,39 +171,37 @@ class S2FTModel(SparseDeltaModel):
 
     # ---------------------------------------------------------- saving / loading
     @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls,
-        model: nn.Module,
-        config: S2FTConfig,
-        adapter_name: str,
-        state_dict: dict[str, torch.Tensor],
-    ) -> dict[str, torch.Tensor]:
-        """Validate every module's channel ids and values first, then rebuild each layer's support from the file: a
-        bad module raises and leaves every layer as it was."""
-        remapped = BaseTuner._remap_adapter_state_dict_for_load.__func__(cls, model, config, adapter_name, state_dict)
-        checked = []
-        for name, module in model.named_modules():
-            if not isinstance(module, S2FTLinear) or adapter_name not in module.sparse_delta_values:
-                continue
-            where = f"s2ft adapter '{adapter_name}', module '{name.removeprefix('base_model.model.')}'"
-            ch_key, val_key = (f"{name}.s2ft_{kind}.{adapter_name}" for kind in ("channels", "values"))
-            if ch_key not in remapped or val_key not in remapped:
-                missing = "channel ids" if ch_key not in remapped else "values"
-                raise InvalidSparseIndicesError(f"{where}: the adapter file has no {missing} for this module.")
-            channels = module.check_channels(remapped[ch_key], where)
-            values = remapped[val_key]
-            check_values(values, where)
-            other = module.storage_shape[1 - module.s2ft_axis]
-            if values.dim() != 1 or values.numel() != channels.numel() * other:
-                raise InvalidSparseIndicesError(
-                    f"{where}: {channels.numel()} channels need a 1-D tensor of {channels.numel() * other} values, "
-                    f"the file has shape {tuple(values.shape)}."
-                )
-            checked.append((module, channels, values))
-        for module, channels, values in checked:  # every module passed: only now change the layers
-            module.set_channels(adapter_name, channels.to(module._weight_device()), values=values)
-            module.needs_calibration[adapter_name] = False
-        return remapped
+    def _encode_support(cls, key: str, support: torch.Tensor) -> tuple[str, torch.Tensor]:
+        return key, support  # channel ids: a few ints, stored as they are
+
+    @classmethod
+    def _decode_support(cls, parts: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+        if cls.support_name not in parts:
+            raise InvalidSparseIndicesError(f"{where}: the adapter file has no channel ids for this module.")
+        return parts[cls.support_name]
+
+    @classmethod
+    def _check_record(cls, layer: S2FTLinear, record: ModuleRecord, where: str) -> torch.Tensor:  # type: ignore[override]
+        """Shape (from the integrity header), channel ids, value count and finiteness, checksums."""
+        if record.header is not None:
+            check_header_shape(record.header, layer.storage_shape, where)
+        channels = layer.check_channels(record.support, where)
+        check_values(record.values, where)
+        other = layer.storage_shape[1 - layer.s2ft_axis]
+        if record.values.dim() != 1 or record.values.numel() != channels.numel() * other:
+            raise InvalidSparseIndicesError(
+                f"{where}: {channels.numel()} channels need a 1-D tensor of {channels.numel() * other} values, "
+                f"the file has shape {tuple(record.values.shape)}."
+            )
+        if record.header is not None:
+            check_checksums(record.header, channels, record.values, where)
+        return channels
+
+    @classmethod
+    def _apply_support(cls, layer: S2FTLinear, adapter_name: str, support: torch.Tensor,  # type: ignore[override]
+                       values: torch.Tensor) -> None:
+        layer.set_channels(adapter_name, support.to(layer._weight_device()), values=values)
+        layer.needs_calibration[adapter_name] = False
 
 
 def _in_out(layer: nn.Module) -> tuple[int, int]:

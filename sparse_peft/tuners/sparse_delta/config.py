@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
+
+from .adapter_file import remember_weights_file
 
 SELECTIONS = ("random", "magnitude", "gradient", "snip")
 RESELECT_SCHEDULES = ("linear", "cosine", "constant")
@@ -200,17 +201,11 @@ class SparseDeltaConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
-        """PEFT reads the config before it wraps the model and loads the weights (``PeftModel.from_pretrained``,
-        ``load_adapter``): a local adapter file is checked here, so a damaged one is refused before anything is
-        wrapped or registered. (A file made for another model size is refused at load time, leaving the model
-        wrapped with an untrained adapter.)"""
+        """PEFT's, noting the local weights file next to the config: the injection that follows (``PeftModel.
+        from_pretrained``, ``load_adapter``) takes the supports from it and refuses a file that does not fit the
+        model before anything stays wrapped or registered (see ``adapter_file``)."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        weights = os.path.join(folder, "adapter_model.safetensors")
-        if os.path.isfile(weights):
-            from .model import check_adapter_file
-
-            check_adapter_file(weights)
+        remember_weights_file(config, pretrained_model_name_or_path, subfolder)
         return config
 
     def budget(self, n_rows: int, n_cols: int) -> int:

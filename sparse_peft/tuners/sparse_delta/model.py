@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,15 +21,11 @@ from ...indices import (
     validate_indices,
 )
 from .._twin import twin_adapter
+from .adapter_file import PEFT_PREFIX, InjectionUndo, ModuleRecord, read_adapter_file, take_weights_file
 from .config import SparseDeltaConfig
 from .layer import SparseDeltaLayer, SparseDeltaLinear
 
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear4bit / Linear8bitLt"
-
-
-_INDICES, _CODES, _VALUES = ".sparse_delta_indices.", ".sparse_delta_codes.", ".sparse_delta_values"
-_HEADER = ".sparse_delta_header"
-_PEFT_PREFIX = "base_model.model."
 
 
 def _is_supported_base(module: nn.Module) -> bool:
@@ -40,59 +35,46 @@ def _is_supported_base(module: nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-def check_module_tensors(
-    indices: torch.Tensor,
-    values: torch.Tensor,
-    header: torch.Tensor | None,
-    shape: tuple[int, int] | None,
-    where: str,
-) -> torch.Tensor:
-    """Every check of one module's saved delta; returns the indices in their canonical dtype. ``shape`` is the
-    model's weight (``None`` when checking a file on its own: the header's shape bounds the indices then). Files
-    written before headers existed get every check but the shape and the checksums."""
-    if header is not None:
-        shape = check_header_shape(header, shape, where)
-    check_values(values, where)
-    numel = shape[0] * shape[1] if shape is not None else torch.iinfo(torch.int64).max
-    indices = validate_indices(indices, numel, values=values, where=where)
-    if header is not None:
-        check_checksums(header, indices, values, where)
-    return indices
-
-
-def check_adapter_file(path: str | Path) -> None:
-    """Check a saved SPARSE_DELTA adapter file on its own, before any model is wrapped or changed: it parses, and
-    every module's indices, values and integrity header pass :func:`check_module_tensors`. Raises
-    ``CorruptAdapterFileError`` / ``InvalidSparseIndicesError`` naming the file or module."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ...registry import CorruptAdapterFileError
-
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise CorruptAdapterFileError(
-            f"Cannot read adapter file {path}: it is truncated or not a valid safetensors file ({err})."
-        ) from err
-    for key in [k for k in tensors if k.endswith(_VALUES)]:
-        module = key.removesuffix(_VALUES)
-        where = f"sparse_delta adapter file {path}, module '{module.removeprefix(_PEFT_PREFIX)}'"
-        if module + _CODES[:-1] in tensors:
-            indices = decode_indices(tensors[module + _CODES[:-1]], where)
-        elif module + _INDICES[:-1] in tensors:
-            indices = tensors[module + _INDICES[:-1]]
-        else:
-            raise InvalidSparseIndicesError(f"{where}: the adapter file has no indices for this module.")
-        check_module_tensors(indices, tensors[key], tensors.get(module + _HEADER), None, where)
-
-
 class SparseDeltaModel(BaseTuner):
     """Sparse high-rank delta adapters (``PeftType.SPARSE_DELTA``). Create it with ``get_peft_model``."""
 
     prefix: str = "sparse_delta_"
     tuner_layer_cls = SparseDeltaLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    support_name = "sparse_delta_indices"  # the layer's saved support (S2FT: its channel ids)
+    values_name = "sparse_delta_values"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loading: dict[str, dict[str, ModuleRecord]] = {}  # adapter -> the checked file it is injected from
+        super().__init__(*args, **kwargs)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection; for a config loaded with its weights file (``from_pretrained``, ``load_adapter``) the
+        supports come from the file, which must fit every injected layer, or everything injected is withdrawn and
+        the error raised: a failed load leaves the model (its wrapping, names, trainable flags) as it was."""
+        source = take_weights_file(self.peft_config[adapter_name])
+        if source is None:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            return
+        where = f"{self.prefix[:-1]} adapter file {source}"
+        records = self._records(read_adapter_file(source), where)
+        undo = InjectionUndo(self, model)
+        self._loading[adapter_name] = records
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            self._checked_supports(model, adapter_name, records, where)
+        except Exception:
+            undo(adapter_name)
+            raise
+        finally:
+            self._loading.pop(adapter_name, None)
+
+    def _loaded_support(self, adapter_name: str, key: str, layer: SparseDeltaLayer) -> torch.Tensor | None:
+        """The checked support of module ``key`` while injecting from a file, else None (draw one)."""
+        records = self._loading.get(adapter_name)
+        if records is None or key not in records:
+            return None
+        return self._check_record(layer, records[key], f"{self.prefix[:-1]} adapter '{adapter_name}', module '{key}'")
 
     def _create_and_replace(
         self,
@@ -116,9 +98,12 @@ class SparseDeltaModel(BaseTuner):
         seed = module_seed(config.seed, current_key)
         twin = self._twin_adapter(config, adapter_name, layer)
         values = None
+        loaded = self._loaded_support(adapter_name, current_key, layer)
         if twin is not None:  # e.g. TRL's "ref" adapter: start as an exact copy of the adapter it was made from
             indices = layer.sparse_delta_indices[twin].clone()
             values = layer.sparse_delta_values[twin].detach().clone()
+        elif loaded is not None:
+            indices = loaded
         else:
             indices = initial_indices(layer, config.budget(rows, cols), config.selection, seed)
         layer.update_layer(
@@ -127,6 +112,7 @@ class SparseDeltaModel(BaseTuner):
             init_weights=config.init_weights,
             fused=config.fused,
             needs_calibration=twin is None
+            and loaded is None
             and config.selection in ("gradient", "snip")
             and not config.inference_mode,
             seed=seed,
@@ -163,6 +149,87 @@ class SparseDeltaModel(BaseTuner):
 
     # ---------------------------------------------------------- saving / loading
     @classmethod
+    def _encode_support(cls, key: str, support: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """Indices go to the file as LEB128-coded gaps (``sparse_delta_codes``): ~1.3 instead of 4 bytes each."""
+        return key.replace(".sparse_delta_indices", ".sparse_delta_codes"), encode_indices(support)
+
+    @classmethod
+    def _decode_support(cls, parts: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+        if "sparse_delta_codes" in parts:
+            return decode_indices(parts["sparse_delta_codes"], where)
+        if "sparse_delta_indices" in parts:  # plain int files
+            return parts["sparse_delta_indices"]
+        raise InvalidSparseIndicesError(f"{where}: the adapter file has no indices for this module.")
+
+    @classmethod
+    def _check_record(cls, layer: SparseDeltaLayer, record: ModuleRecord, where: str) -> torch.Tensor:
+        """Every check of one module's saved delta against its layer (shape, values, indices, checksums); returns
+        the indices in their canonical dtype. Files written before headers existed get all but shape and checksums."""
+        shape = layer.storage_shape
+        if record.header is not None:
+            check_header_shape(record.header, shape, where)
+        check_values(record.values, where)
+        indices = validate_indices(record.support, shape[0] * shape[1], values=record.values, where=where)
+        if record.header is not None:
+            check_checksums(record.header, indices, record.values, where)
+        return indices
+
+    @classmethod
+    def _apply_support(cls, layer: SparseDeltaLayer, adapter_name: str, support: torch.Tensor,
+                       values: torch.Tensor) -> None:
+        if support.numel() != layer.sparse_delta_values[adapter_name].numel():
+            layer.set_adapter_indices(adapter_name, support.to(layer._weight_device()))
+        layer.needs_calibration[adapter_name] = False
+
+    @classmethod
+    def _records(cls, tensors: dict[str, torch.Tensor], where: str) -> dict[str, ModuleRecord]:
+        """Group a checkpoint's tensors of this method by module (keys without the adapter name). Tensors of other
+        kinds (``modules_to_save`` etc.) are PEFT's; an unknown tensor of this method is refused."""
+        header_name = cls.prefix + "header"
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            module_key, _, kind = key.rpartition(".")
+            if kind.startswith(cls.prefix):
+                parts.setdefault(module_key, {})[kind] = tensor
+        known = {cls.support_name, cls.values_name, header_name, "sparse_delta_codes"}
+        records = {}
+        for module_key, found in parts.items():
+            module_where = f"{where}, module '{module_key.removeprefix(PEFT_PREFIX)}'"
+            unknown = sorted(set(found) - known)
+            if unknown:
+                raise InvalidSparseIndicesError(
+                    f"{module_where}: unknown tensors {unknown} (written by another tool or version?)."
+                )
+            if cls.values_name not in found:
+                raise InvalidSparseIndicesError(f"{module_where}: the adapter file has no values for this module.")
+            support = cls._decode_support(found, module_where)
+            record = ModuleRecord(module_key, support, found[cls.values_name], found.get(header_name))
+            records[record.module] = record
+        return records
+
+    @classmethod
+    def _checked_supports(
+        cls, model: nn.Module, adapter_name: str, records: dict[str, ModuleRecord], where: str
+    ) -> list[tuple[SparseDeltaLayer, ModuleRecord, torch.Tensor]]:
+        """Check that the file covers exactly the layers carrying ``adapter_name`` and that every module passes
+        :meth:`_check_record`; change nothing. Returns (layer, record, canonical support) per module."""
+        layers = {name.removeprefix(PEFT_PREFIX): module for name, module in model.named_modules()
+                  if isinstance(module, cls.tuner_layer_cls) and adapter_name in module.sparse_delta_values}
+        missing, extra = sorted(set(layers) - set(records)), sorted(set(records) - set(layers))
+        if missing:
+            raise InvalidSparseIndicesError(
+                f"{where}: the file has no tensors for {len(missing)} adapted module(s), e.g. {missing[:3]} "
+                "(was target_modules edited, or is it for another model?)."
+            )
+        if extra:
+            raise InvalidSparseIndicesError(
+                f"{where}: the file has tensors for modules this model does not adapt: {extra[:5]} "
+                "(was target_modules edited, or is it for another model?)."
+            )
+        return [(layer, records[name], cls._check_record(layer, records[name], f"{where}, module '{name}'"))
+                for name, layer in layers.items()]
+
+    @classmethod
     def _get_adapter_state_dict(
         cls,
         model: nn.Module,
@@ -171,20 +238,22 @@ class SparseDeltaModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """Indices go to the file as LEB128-coded gaps (``sparse_delta_codes``): ~1.3 instead of 4 bytes each; next to
-        them an integrity header (``sparse_delta_header``: the weight's shape and CRC-32s of indices and values)."""
+        """Next to each module's support and values the file gets an integrity header (``<prefix>header``: the
+        weight's shape and CRC-32s of support and values); the support is stored by :meth:`_encode_support`."""
         saved = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        layers = {name.removeprefix(_PEFT_PREFIX): m for name, m in model.named_modules()
-                  if isinstance(m, SparseDeltaLayer)}
+        layers = {name.removeprefix(PEFT_PREFIX): m for name, m in model.named_modules()
+                  if isinstance(m, cls.tuner_layer_cls)}
+        marker = f".{cls.support_name}."
         compact = {}
         for key, value in saved.items():
-            if _INDICES in key:  # "<module>.sparse_delta_indices.<adapter>"
-                module_key, adapter = key.split(_INDICES, 1)
-                layer = layers.get(module_key.removeprefix(_PEFT_PREFIX))
-                values = saved.get(f"{module_key}{_VALUES}.{adapter}")
+            if marker in key:  # "<module>.<support_name>.<adapter>"
+                module_key, adapter = key.split(marker, 1)
+                layer = layers.get(module_key.removeprefix(PEFT_PREFIX))
+                values = saved.get(f"{module_key}.{cls.values_name}.{adapter}")
                 if layer is not None and values is not None:
-                    compact[f"{module_key}{_HEADER}.{adapter}"] = integrity_header(layer.storage_shape, value, values)
-                key, value = key.replace(_INDICES, _CODES), encode_indices(value)
+                    header = integrity_header(layer.storage_shape, value, values)
+                    compact[f"{module_key}.{cls.prefix}header.{adapter}"] = header
+                key, value = cls._encode_support(key, value)
             compact[key] = value
         return compact
 
@@ -196,40 +265,16 @@ class SparseDeltaModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Validate every module's indices, values and integrity header before anything touches the model, then size
-        each layer to the file's support. A bad module raises and leaves every layer as it was."""
-        state_dict = dict(state_dict)
-        headers = {k.removesuffix(_HEADER).removeprefix(_PEFT_PREFIX): state_dict.pop(k)
-                   for k in [k for k in state_dict if k.endswith(_HEADER)]}
-        for key in [k for k in state_dict if k.endswith(_CODES[:-1])]:  # compact files; plain int ones load as is
-            where = f"sparse_delta adapter '{adapter_name}', {key.removeprefix(_PEFT_PREFIX)}"
-            state_dict[key.removesuffix(_CODES[:-1]) + _INDICES[:-1]] = decode_indices(state_dict.pop(key), where)
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        resized = []
-        for name, module in model.named_modules():
-            if not isinstance(module, SparseDeltaLayer) or adapter_name not in module.sparse_delta_values:
-                continue
-            idx_key, val_key = (
-                f"{name}.sparse_delta_{kind}.{adapter_name}" for kind in ("indices", "values")
-            )
-            where = f"sparse_delta adapter '{adapter_name}', module '{name.removeprefix(_PEFT_PREFIX)}'"
-            if idx_key not in remapped or val_key not in remapped:
-                missing = "indices" if idx_key not in remapped else "values"
-                raise InvalidSparseIndicesError(
-                    f"{where}: the adapter file has no {missing} for this module."
-                )
-            values = remapped[val_key]
-            header = headers.pop(name.removeprefix(_PEFT_PREFIX), None)
-            indices = check_module_tensors(remapped[idx_key], values, header, module.storage_shape, where)
-            remapped[idx_key] = indices
-            resized.append((module, indices))
-        if headers:
-            raise InvalidSparseIndicesError(
-                f"sparse_delta adapter '{adapter_name}': the file has tensors for modules this model does not adapt: "
-                f"{sorted(headers)[:5]} (was target_modules edited, or is it for another model?)."
-            )
-        for module, indices in resized:  # every module passed: only now change the layers
-            if indices.numel() != module.sparse_delta_values[adapter_name].numel():
-                module.set_adapter_indices(adapter_name, indices.to(module._weight_device()))
-            module.needs_calibration[adapter_name] = False
+        """Validate every module against its layer before anything touches the model, then give each layer the
+        file's support; PEFT copies the values. A bad module raises and leaves every layer as it was."""
+        where = f"{cls.prefix[:-1]} adapter '{adapter_name}'"
+        records = cls._records(state_dict, where)
+        checked = cls._checked_supports(model, adapter_name, records, where)
+        plain = {k: v for k, v in state_dict.items() if not k.rpartition(".")[2].startswith(cls.prefix)}
+        for _, record, support in checked:
+            plain[f"{record.key}.{cls.support_name}"] = support
+            plain[f"{record.key}.{cls.values_name}"] = record.values
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, plain)
+        for layer, record, support in checked:  # every module passed: only now change the layers
+            cls._apply_support(layer, adapter_name, support, record.values)
         return remapped
