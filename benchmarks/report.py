@@ -22,11 +22,11 @@ from typing import Any
 MIB = 2**20
 OURS = ("sparse_delta_fused", "sparse_delta_separate", "sparse_delta_dynamic", "s2ft")
 """Our sparse adapters: judged against the memory and time targets."""
-SECTIONS = ("adapters", "kernels", "quality", "sparsepo")
+SECTIONS = ("adapters", "kernels", "quality", "composition", "sparsepo")
 """Other benchmark modules whose ``docs/<name>.json`` is rendered after the training-step tables, in this order."""
 RUN_SECTIONS = ("adapters", "kernels")
-"""The sections ``python -m benchmarks`` measures itself (``benchmarks.quality`` and ``benchmarks.sparsepo`` run on
-their own: they train for many minutes)."""
+"""The sections ``python -m benchmarks`` measures itself (``benchmarks.quality``, ``benchmarks.composition`` and
+``benchmarks.sparsepo`` run on their own: they train or evaluate for many minutes)."""
 LINKED_DOCS = (
     ("sparsepo.md", "DPO vs SparsePO on a generated preference task"),
     ("sparse_masks.md", "static vs dynamic sparse masks (accuracy at equal density)"),

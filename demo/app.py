@@ -12,9 +12,10 @@ from typing import Any
 
 import gradio as gr
 
+from sparse_peft.compose import DEFAULT_TIES_DENSITY
 from sparse_peft.hotswap import BASE
 
-from .state import DemoError, DemoState
+from .state import COMPOSE_METHODS, DemoError, DemoState
 
 DEFAULT_PROMPT = "w1 w2 w3"
 
@@ -53,9 +54,12 @@ def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str | 
         except Exception as exc:  # noqa: BLE001 - report, keep serving
             return "", "", _error_text(exc)
 
-    def compose(first: str, second: str, w1: float, w2: float, name: str) -> tuple[str, Any, Any, Any]:
+    def compose(
+        first: str, second: str, w1: float, w2: float, name: str, method: str = "ties",
+        density: float = DEFAULT_TIES_DENSITY,
+    ) -> tuple[str, Any, Any, Any]:
         try:
-            message = state().compose(first, second, float(w1), float(w2), name)
+            message = state().compose(first, second, float(w1), float(w2), name, method, float(density))
         except Exception as exc:  # noqa: BLE001
             message = _error_text(exc)
         return (message, *_dropdowns())
@@ -129,6 +133,13 @@ def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str | 
                 second_dd = gr.Dropdown(choices=names, value=pair[1], label="second")
                 w1 = gr.Number(value=1.0, label="weight of first")
                 w2 = gr.Number(value=1.0, label="weight of second")
+            with gr.Row():
+                method_dd = gr.Dropdown(
+                    choices=list(COMPOSE_METHODS), value="ties", label="method",
+                    info=" · ".join(f"{k}: {v}" for k, v in COMPOSE_METHODS.items()), elem_id="compose-method",
+                )
+                density = gr.Slider(0.05, 1.0, value=DEFAULT_TIES_DENSITY, step=0.05, label="density",
+                                    info="fraction of each adapter's entries kept (not used by sum)")
             composed_name = gr.Textbox(value="composed-demo", label="new adapter name")
             compose_btn = gr.Button("Compose")
             compose_msg = gr.Markdown()
@@ -147,7 +158,8 @@ def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str | 
         inputs = [prompt_box, adapter, max_new, do_sample, temperature, top_p, seed]
         go.click(compare, inputs, [base_out, adapter_out, info], api_name="generate")
         compose_btn.click(
-            compose, [first_dd, second_dd, w1, w2, composed_name], [compose_msg, adapter, first_dd, second_dd],
+            compose, [first_dd, second_dd, w1, w2, composed_name, method_dd, density],
+            [compose_msg, adapter, first_dd, second_dd],
             api_name="compose",
         )
         merge_btn.click(merge_save, [adapter, out_dir], merge_msg, api_name="merge_and_save")

@@ -22,6 +22,15 @@ from sparse_peft.hotswap import BASE, AdapterSwitcher
 from sparse_peft.masks import sparse_delta_layers
 
 SPARSE_TYPES = ("SPARSE_DELTA", "S2FT")
+COMPOSE_METHODS = {
+    "ties": "TIES: keep each adapter's largest entries, elect a sign per entry, average where adapters overlap "
+    "(keeps both skills on the embedded model)",
+    "sum": "the exact sum of the two deltas (LT-SFT; both adapters active at once computes the same)",
+    "dare_ties": "DARE: drop entries at random, rescale the rest, then TIES",
+    "magnitude_prune": "keep each adapter's largest entries, then sum",
+    "dare_linear": "DARE: drop entries at random, rescale the rest, then sum",
+}
+"""The composition methods the demo offers (``sparse_peft.compose``), best first, with what each does."""
 
 
 class DemoError(ValueError):
@@ -214,9 +223,18 @@ class DemoState:
         names = self.names
         return (names[0] if names else None), (names[1] if len(names) > 1 else None)
 
-    def compose(self, first: str, second: str, w_first: float, w_second: float, name: str) -> str:
-        """Add ``name`` = w1·first + w2·second (sparse adapters of one type) and make it selectable."""
+    def compose(
+        self, first: str, second: str, w_first: float, w_second: float, name: str, method: str = "ties",
+        density: float | None = None,
+    ) -> str:
+        """Add ``name``, the composition of w1·first and w2·second by ``method`` (sparse adapters of one type; see
+        :func:`sparse_peft.compose`), and make it selectable."""
         name = name.strip()
+        if method not in COMPOSE_METHODS:
+            raise DemoError(f"Unknown composition method {method!r}; choose one of {list(COMPOSE_METHODS)}.")
+        density = None if method == "sum" else density
+        if density is not None and not 0.0 < density <= 1.0:
+            raise DemoError(f"The density is the fraction of each adapter's entries kept: in (0, 1], got {density}.")
         if not name or name in self.entries or name == BASE:
             raise DemoError(f"Choose a new, non-empty name for the composed adapter (got {name!r}).")
         types = {self.entries[a].peft_type for a in (first, second) if a in self.entries}
@@ -225,9 +243,11 @@ class DemoState:
         switcher = self.switcher_for(first)
         with switcher.lock:
             switcher.activate(BASE)
-            sparse_peft.compose(switcher.model, [first, second], [w_first, w_second], new_adapter_name=name)
+            sparse_peft.compose(switcher.model, [first, second], [w_first, w_second], new_adapter_name=name,
+                                method=method, density=density)
         self.entries[name] = AdapterEntry(name, self.adapters_dir, peft_type=types.pop())
-        return f"Composed **{name}** = {w_first:g} x {first} + {w_second:g} x {second}."
+        kept = "" if density is None else f", keeping {density:.0%} of each adapter's entries"
+        return f"Composed **{name}** = {method}({w_first:g} x {first}, {w_second:g} x {second}{kept})."
 
     def merge_and_save(self, adapter: str, out_dir: str) -> str:
         """Write the base model with ``adapter`` merged (plus the tokenizer) to ``out_dir``."""

@@ -28,7 +28,7 @@ from .extraction import ExtractionReport, extract_sparse_delta  # noqa: E402
 from .indices import CorruptAdapterFileError, InvalidSparseIndicesError  # noqa: E402
 from .masks import SparseMask  # noqa: E402
 from .proximal import apply_proximal_step  # noqa: E402
-from .selection import select_masks  # noqa: E402
+from .selection import select_from_changes, select_masks  # noqa: E402
 from .tuners.group_sparse_lora import GroupSparseLoraConfig  # noqa: E402
 from .tuners.s2ft import S2FTConfig, S2FTModel  # noqa: E402
 from .tuners.sora import SoraConfig  # noqa: E402
@@ -52,5 +52,6 @@ __all__ = [
     "SparseDeltaConfig",
     "SparseDeltaLayer",
     "SparseDeltaModel",
+    "select_from_changes",
     "select_masks",
 ]

@@ -1,14 +1,30 @@
-"""Composing sparse adapters (LT-SFT): one adapter whose delta is the (weighted) sum of several.
+"""Composing sparse adapters: one adapter whose delta combines several (LT-SFT's composition, TIES, DARE).
 
-The composed support is the union of the inputs' supports; where supports overlap the values are summed. The
-result is an ordinary adapter of the inputs' type (SPARSE_DELTA, or S2FT on the union of the channels): it can be
-saved, merged, switched to or trained further.
+The inputs are sparse deltas on the same base. ``sum`` adds them (LT-SFT; where supports overlap the values add).
+The others follow the model-merging literature, applied to sparse deltas entry by entry:
+
+- ``magnitude_prune``: keep each delta's largest-|value| ``density`` fraction of its *own entries* (a dense task
+  vector is trimmed against the whole matrix; a sparse delta is already a top-k of the matrix, so the trim is
+  relative to its support), then sum.
+- ``ties`` (Yadav et al. 2023, "TIES-Merging", arXiv 2306.01708): trim as above, elect a sign per entry from the
+  sum of the trimmed values, and average the values that agree with it ("disjoint mean"): entries changed by one
+  adapter keep their value, entries changed by several do not add up.
+- ``dare_linear`` / ``dare_ties`` (Yu et al. 2024, "Language Models are Super Mario", arXiv 2311.03099): drop each
+  entry with probability ``1 - density`` and rescale the rest by ``1 / density``, then sum / TIES-merge.
+
+Names and semantics follow PEFT's ``LoraModel.add_weighted_adapter(combination_type=...)`` (``weights`` scale each
+delta before the merge; ``majority_sign_method="total"``). On the real base model, two and three skill adapters
+composed by ``sum`` lose the later skills and ``ties`` keeps them; see docs/benchmarks.md, "Composition".
+
+The result is an ordinary adapter of the inputs' type (SPARSE_DELTA, or S2FT on the union of the channels, with
+trimmed entries at zero): it can be saved, merged, switched to or trained further.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from peft import PeftModel
@@ -17,17 +33,61 @@ from .masks import sparse_delta_layers
 from .tuners.s2ft import S2FTConfig, S2FTLinear
 from .tuners.sparse_delta.config import SparseDeltaConfig
 
+CompositionMethod = Literal["sum", "magnitude_prune", "ties", "dare_linear", "dare_ties"]
+METHODS: tuple[str, ...] = ("sum", "magnitude_prune", "ties", "dare_linear", "dare_ties")
+DEFAULT_TIES_DENSITY = 0.1
+"""The density ``ties`` uses when none is given: the best on the validation split of the real-model composition
+benchmark (benchmarks/composition.py)."""
+
+
+def merge_deltas(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    weights: Sequence[float],
+    method: CompositionMethod = "sum",
+    density: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine sparse deltas ``(flat indices, values)`` of one matrix; returns the union of the supports (sorted,
+    int64) and the combined value on each (0 where every input was trimmed or dropped)."""
+    kept = []
+    for (indices, values), weight in zip(parts, weights, strict=True):
+        indices, values = indices.long(), values.float()
+        if method in ("magnitude_prune", "ties") and density < 1.0:
+            keep = values.abs().topk(max(1, round(density * values.numel()))).indices if values.numel() else indices
+            mask = torch.zeros_like(values, dtype=torch.bool)
+            mask[keep] = True
+            values = values * mask
+        elif method in ("dare_linear", "dare_ties") and density < 1.0:
+            mask = torch.rand(values.shape, generator=generator, device="cpu").to(values.device) < density
+            values = values * mask / density
+        kept.append((indices, values * weight))
+    union, inverse = torch.unique(torch.cat([i for i, _ in kept]), return_inverse=True)
+    values = torch.cat([v for _, v in kept])
+    total = torch.zeros(union.numel(), dtype=torch.float32, device=values.device).index_add_(0, inverse, values)
+    if method not in ("ties", "dare_ties"):
+        return union, total
+    agree = (torch.sign(values) == torch.sign(total)[inverse]) & (values != 0)
+    summed = torch.zeros_like(total).index_add_(0, inverse, values * agree)
+    count = torch.zeros_like(total).index_add_(0, inverse, agree.float())
+    return union, summed / count.clamp(min=1.0)
+
 
 def compose(
     model: PeftModel,
     adapter_names: Sequence[str],
     weights: Sequence[float] | None = None,
     new_adapter_name: str = "composed",
+    method: CompositionMethod = "sum",
+    density: float | None = None,
+    seed: int = 0,
 ) -> str:
-    """Add ``new_adapter_name`` = Σ weights[i] · delta(adapter_names[i]) to ``model`` and return its name.
+    """Add ``new_adapter_name``, the combination of ``adapter_names``' deltas by ``method`` (see the module
+    docstring), to ``model`` and return its name.
 
-    Each input's current scaling is applied. The new adapter is added but not activated
-    (``model.set_adapter(new_adapter_name)`` to use it).
+    ``weights`` scale each delta (default 1; each input's own scaling is applied too). ``density`` is the fraction
+    of each delta's entries that ``magnitude_prune`` / ``ties`` keep and ``dare_*`` keep in expectation (default:
+    :data:`DEFAULT_TIES_DENSITY` for the trimming methods, 1.0 for ``sum``); ``seed`` seeds DARE's drop. The new
+    adapter is added but not activated (``model.set_adapter(new_adapter_name)`` to use it).
     """
     names = list(adapter_names)
     if len(names) < 1:
@@ -35,6 +95,14 @@ def compose(
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
     if len(weights) != len(names):
         raise ValueError(f"compose: {len(names)} adapters but {len(weights)} weights.")
+    if method not in METHODS:
+        raise ValueError(f"compose: method must be one of {METHODS}, got {method!r}.")
+    if density is None:
+        density = 1.0 if method == "sum" else DEFAULT_TIES_DENSITY
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"compose: density must be in (0, 1], got {density!r}.")
+    if method == "sum" and density != 1.0:
+        raise ValueError("compose: density applies to magnitude_prune, ties and dare_*; sum keeps every entry.")
     if new_adapter_name in model.peft_config:
         raise ValueError(f"compose: an adapter named {new_adapter_name!r} already exists.")
     kinds = {type(model.peft_config.get(name)) for name in names}
@@ -50,7 +118,7 @@ def compose(
         raise ValueError("compose: adapters of one type only (a PeftModel holds one adapter type).")
 
     layers = {
-        n: m for n, m in sparse_delta_layers(model).items() if any(a in m.sparse_delta_values for a in names)
+        n: m for n, m in sorted(sparse_delta_layers(model).items()) if any(a in m.sparse_delta_values for a in names)
     }
     config = copy.deepcopy(model.peft_config[names[0]])
     config.target_modules = sorted(layers)
@@ -66,18 +134,17 @@ def compose(
     config.inference_mode = True
     model.add_adapter(new_adapter_name, config)
 
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in layers.values():
+        for layer in layers.values():  # sorted by name: DARE's draws do not depend on module order
             present = [(a, w) for a, w in zip(names, weights, strict=True) if a in layer.sparse_delta_values]
-            indices = torch.cat([layer.sparse_delta_indices[a].long() for a, _ in present])
-            values = torch.cat([layer.delta_values(a).detach().float() * w for a, w in present])
-            union, inverse = torch.unique(indices, return_inverse=True)
-            summed = torch.zeros(union.numel(), dtype=torch.float32, device=values.device)
-            summed.index_add_(0, inverse, values)
-            if isinstance(layer, S2FTLinear):
+            parts = [(layer.sparse_delta_indices[a], layer.delta_values(a).detach()) for a, _ in present]
+            union, merged = merge_deltas(parts, [w for _, w in present], method, float(density), generator)
+            if isinstance(layer, S2FTLinear):  # the union of slices is a slice: keep it whole, trimmed entries at 0
                 channels = torch.unique(torch.cat([layer.channels(a) for a, _ in present]))
-                layer.set_channels(new_adapter_name, channels, values=summed)
+                layer.set_channels(new_adapter_name, channels, values=merged)
             else:
-                layer.set_adapter_indices(new_adapter_name, union, values=summed)
+                kept = merged != 0 if method != "sum" else torch.ones_like(merged, dtype=torch.bool)  # trimmed: gone
+                layer.set_adapter_indices(new_adapter_name, union[kept], values=merged[kept])
             layer.needs_calibration[new_adapter_name] = False
     return new_adapter_name

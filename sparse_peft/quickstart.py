@@ -22,12 +22,15 @@ from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .compose import compose
+from .compose import DEFAULT_TIES_DENSITY, compose
 from .embedded import SKILLS, base_model_path, exact_match, finetune, skill_dataset, skill_examples
 from .tuners.sparse_delta import SparseDeltaConfig
 
 COMPOSED = ("reverse", "date")
 """The two skills whose adapters the quickstart composes."""
+COMPOSE_METHOD = "ties"
+"""How the quickstart composes: the method that kept every skill on the real base model (docs/benchmarks.md,
+"Composition"); the plain sum loses the second skill."""
 
 
 @dataclass
@@ -47,6 +50,8 @@ class QuickstartResult:
     steps: int
     seconds: float = 0.0
     composed: list[str] = field(default_factory=lambda: list(COMPOSED))
+    compose_method: str = COMPOSE_METHOD
+    compose_density: float = DEFAULT_TIES_DENSITY
 
     def gain(self, skill: str) -> float:
         """Exact-match gain of the skill's own adapter over the base."""
@@ -123,11 +128,20 @@ def run_quickstart(
 
     combined = PeftModel.from_pretrained(load_base(), output / "adapters" / COMPOSED[0], adapter_name=COMPOSED[0])
     combined.load_adapter(output / "adapters" / COMPOSED[1], adapter_name=COMPOSED[1])
-    compose(combined, list(COMPOSED), new_adapter_name="composed")
+    compose(combined, list(COMPOSED), new_adapter_name="composed", method=COMPOSE_METHOD)
     combined.set_adapter("composed")
-    accuracy["composed"] = score(combined, f"composed ({' + '.join(COMPOSED)})")
+    accuracy["composed"] = score(combined, f"composed ({' + '.join(COMPOSED)}, {COMPOSE_METHOD})")
     combined.save_pretrained(output / "adapters", selected_adapters=["composed"])
     adapters["composed"] = "adapters/composed"
+    others = [s for s in SKILLS if s not in COMPOSED]
+    if others:  # every skill in one adapter
+        for name in others:
+            combined.load_adapter(output / "adapters" / name, adapter_name=name)
+        compose(combined, list(SKILLS), new_adapter_name="composed-all", method=COMPOSE_METHOD)
+        combined.set_adapter("composed-all")
+        accuracy["composed (all skills)"] = score(combined, f"composed (all skills, {COMPOSE_METHOD})")
+        combined.save_pretrained(output / "adapters", selected_adapters=["composed-all"])
+        adapters["composed-all"] = "adapters/composed-all"
 
     merged_skill = max(SKILLS, key=lambda s: accuracy[s][s])
     prompts = [prompt for prompt, _ in tests[merged_skill]]
@@ -186,7 +200,10 @@ def results_markdown(result: QuickstartResult) -> str:
         lines.append(f"| {row} | " + " | ".join(f"{accs[s]:.1%}" for s in skills) + " |")
     lines += [
         "",
-        f"- composed = sparse_peft.compose({', '.join(result.composed)}): one adapter, the sum of the two deltas",
+        f"- composed = sparse_peft.compose([{', '.join(result.composed)}], method=\"{result.compose_method}\"): one "
+        f"adapter; TIES keeps each delta's largest {result.compose_density:.0%} of entries, elects a sign per entry "
+        "and averages where deltas overlap (the plain sum loses the second skill); composed (all skills): every "
+        "skill adapter, the same way",
         f"- merged ({result.merged_skill}): the reloaded adapter merged into the base; same greedy answers on "
         f"{result.merged_same_answers:.1%} of the test prompts, max |logit diff| {result.merge_max_abs_diff:.1e}",
         f"- trainable parameters per adapter: {result.trainable_params:,} of {result.total_params:,}; "

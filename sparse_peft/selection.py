@@ -13,12 +13,15 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .tuners.sparse_delta.layer import SparseDeltaLayer
+
+if TYPE_CHECKING:
+    from .masks import SparseMask
 
 
 def module_seed(seed: int, module_key: str) -> int:
@@ -55,11 +58,21 @@ def initial_indices(layer: SparseDeltaLayer, k: int, selection: str, seed: int) 
 
 
 def _sparse_layers(model: nn.Module, adapter_name: str) -> dict[str, SparseDeltaLayer]:
+    """The layers carrying ``adapter_name``, keyed by their name in the base model (as :class:`SparseMask`)."""
     return {
-        name: module
+        name.removeprefix("base_model.model."): module
         for name, module in model.named_modules()
         if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_delta_values
     }
+
+
+def _excluding(score: torch.Tensor, exclude: SparseMask | None, name: str) -> torch.Tensor:
+    """``score`` with the entries of ``exclude``'s support for module ``name`` ruled out (below every score)."""
+    if exclude is None or name not in exclude.supports:
+        return score
+    flat = score.reshape(-1)
+    flat[exclude.supports[name].to(flat.device)] = -1.0  # scores are >= 0
+    return score
 
 
 def _batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -113,6 +126,10 @@ def _score_hooks(layer: SparseDeltaLayer, score: torch.Tensor, snip: bool) -> li
 @torch.no_grad()
 def _reselect(layer: SparseDeltaLayer, adapter_name: str, score: torch.Tensor) -> None:
     k = layer.sparse_delta_values[adapter_name].numel()
+    if int((score.reshape(-1) >= 0).sum()) < k:
+        raise ValueError(
+            f"sparse_delta adapter '{adapter_name}': {k} entries asked but fewer are outside the excluded support."
+        )
     layer.set_adapter_indices(adapter_name, top_k_indices(score, k).to(score.device))
     layer.needs_calibration[adapter_name] = False
 
@@ -124,6 +141,7 @@ def select_masks(
     selection: str | None = None,
     layers_per_pass: int | None = None,
     loss_fn: Any = None,
+    exclude: SparseMask | None = None,
 ) -> dict[str, int]:
     """Select gradient-based masks (``gradient`` / ``snip``) of a sparse-delta adapter from calibration batches.
 
@@ -133,10 +151,14 @@ def select_masks(
     batch)`` understands). It is iterated once per pass, so pass a list or a re-iterable loader.
     ``selection`` overrides the adapter config's selection (e.g. to re-select a random adapter by gradient).
     ``layers_per_pass``: how many layers keep a dense score at once (default: all; lower it to bound memory).
+    ``exclude``: a support the new one must not touch (e.g. ``SparseMask.from_model(model, "first_skill")``, so a
+    second skill trains on entries disjoint from the first's and composes without overlap).
     Values are reset to zero on the new support. Returns ``{module_name: k}`` for the re-selected layers.
     """
     config = model.peft_config[adapter_name] if hasattr(model, "peft_config") else None
     if getattr(config, "peft_type", None) == "S2FT":  # structured: whole heads / channels per block
+        if exclude is not None:
+            raise ValueError("select_masks: exclude= applies to sparse_delta adapters, not S2FT.")
         from .tuners.s2ft.calibration import select_s2ft
 
         return select_s2ft(model, batches, adapter_name, selection=selection, loss_fn=loss_fn)
@@ -175,7 +197,7 @@ def select_masks(
                     loss = loss_fn(model, batch)
                     loss.backward()
             for n in chunk:
-                _reselect(layers[n], adapter_name, scores[n])
+                _reselect(layers[n], adapter_name, _excluding(scores[n], exclude, n))
                 del scores[n]
     finally:
         for n, p in model.named_parameters():
@@ -183,3 +205,27 @@ def select_masks(
             p.requires_grad_(grad_state.get(n, p.requires_grad))
         model.train(was_training)
     return {n: layers[n].sparse_delta_values[adapter_name].numel() for n in names}
+
+
+@torch.no_grad()
+def select_from_changes(
+    model: nn.Module, finetuned: nn.Module, adapter_name: str = "default", exclude: SparseMask | None = None
+) -> dict[str, int]:
+    """LT-SFT's mask selection: put each layer of ``adapter_name`` on the entries that a (short) full fine-tuning
+    ``finetuned`` of the same base changed most (largest ``|W_ft - W_0|``), keeping the layer's budget; values reset
+    to zero (LT-SFT then trains the sparse delta from the base). One layer's difference is dense at a time."""
+    layers = _sparse_layers(model, adapter_name)
+    if not layers:
+        raise ValueError(f"select_from_changes: the model has no sparse_delta adapter named {adapter_name!r}.")
+    tuned = dict(finetuned.named_modules())
+    for name, layer in layers.items():
+        other = tuned.get(name)
+        if other is None or not hasattr(other, "weight"):
+            raise ValueError(f"select_from_changes: the fine-tuned model has no weight at {name!r}.")
+        base = layer.get_base_layer().weight
+        if other.weight.shape != base.shape:
+            raise ValueError(f"select_from_changes: {name!r} is {tuple(other.weight.shape)} in the fine-tuned model "
+                             f"but {tuple(base.shape)} here.")
+        change = (other.weight.detach().float().to(base.device) - layer.dense_weight().float()).abs_()
+        _reselect(layer, adapter_name, _excluding(change.reshape(layer.storage_shape), exclude, name))
+    return {n: layer.sparse_delta_values[adapter_name].numel() for n, layer in layers.items()}

@@ -1,12 +1,12 @@
-"""Smoke test of the quality benchmark (``benchmarks/quality.py``): every method trains through TRL on the
-embedded SmolLM2 (a few steps), scores every skill, the composition test runs for LoRA and the sparse adapters, and the section
-renders into the report."""
+"""Smoke test of the quality and composition benchmarks (``benchmarks/quality.py``, ``benchmarks/composition.py``):
+every method trains through TRL on the embedded SmolLM2 (a few steps), scores every skill, every composition method
+runs on the kept adapters of LoRA and the sparse adapters, and the sections render into the report."""
 
 from __future__ import annotations
 
 import json
 
-from benchmarks import quality, report
+from benchmarks import composition, quality, report
 
 
 def test_quick_quality_run_covers_every_method(tmp_path, embedded_model_path):
@@ -31,6 +31,18 @@ def test_quick_quality_run_covers_every_method(tmp_path, embedded_model_path):
     section = quality.render(data)
     assert "| LoRA (PEFT) |" in section and "| base model (no training) |" in section and "Composition" in section
     assert "quality" in report.SECTIONS
+    # the composition benchmark on the adapters this run kept: every family and method, scored and rendered
+    out = tmp_path / "composition.json"
+    assert composition.main(["--quick", "--out", str(out)]) == 0
+    entries = json.loads(out.read_text())["entries"]
+    for family in composition.FAMILIES:
+        methods = {e["method"] for e in entries if e["family"] == family}
+        assert methods >= {*composition.methods_of(family), "all active", "single reverse", "single date"}
+    assert all(0.0 <= v <= 1.0 for e in entries for v in e["test"].values())
+    same = [e["max_logit_difference_to_sum"] for e in entries if "max_logit_difference_to_sum" in e]
+    assert same and max(same) < 1e-3  # every sparse adapter active at once computes the sum
+    assert "| S2FT | ties |" in composition.render(json.loads(out.read_text()))
+    assert "composition" in report.SECTIONS
 
 
 def test_the_learning_rate_is_the_best_mean_validation_score():

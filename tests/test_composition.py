@@ -9,7 +9,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from sparse_peft import SparseDeltaConfig, SparseMask, compose, extract_sparse_delta
+from sparse_peft import S2FTConfig, SparseDeltaConfig, SparseMask, compose, extract_sparse_delta
+from sparse_peft.compose import METHODS, merge_deltas
 from sparse_peft.masks import sparse_delta_layers
 from tests.test_sparse_delta_core import INPUT, logits, tiny_llama
 
@@ -80,6 +81,91 @@ def test_compose_weights_and_errors():
         compose(model, ["default"], new_adapter_name="b")
     with pytest.raises(ValueError, match="2 adapters but 1 weights"):
         compose(model, ["default", "b"], weights=[1.0], new_adapter_name="x")
+
+
+def _delta(indices, values):
+    return torch.tensor(indices), torch.tensor(values, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_disjoint_supports_keep_every_value_at_full_density(method):
+    """Entries only one adapter changed keep exactly its value, whatever the method (DARE at density 1 drops
+    nothing)."""
+    a, b = _delta([0, 4, 9], [0.5, -1.0, 2.0]), _delta([1, 5], [3.0, -0.25])
+    union, values = merge_deltas([a, b], [1.0, 1.0], method, density=1.0)
+    assert union.tolist() == [0, 1, 4, 5, 9]
+    assert values.tolist() == [0.5, 3.0, -1.0, -0.25, 2.0]
+
+
+def test_ties_elects_a_sign_and_averages_instead_of_adding():
+    a, b, c = _delta([0, 1, 2], [1.0, 2.0, -1.0]), _delta([0, 1, 2], [3.0, -1.0, -3.0]), _delta([2], [5.0])
+    union, summed = merge_deltas([a, b, c], [1, 1, 1], "sum")
+    union, ties = merge_deltas([a, b, c], [1, 1, 1], "ties")
+    assert summed.tolist() == [4.0, 1.0, 1.0]
+    # entry 0: both positive -> mean 2; entry 1: sum +1 elects +, only a's 2.0 agrees; entry 2: sum +1 -> c's 5.0
+    assert ties.tolist() == [2.0, 2.0, 5.0]
+
+
+def test_trimming_keeps_the_largest_fraction_of_each_deltas_own_entries():
+    a = _delta([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0.1, -5.0, 0.2, 0.3, 4.0, 0.1, 0.1, 0.2, 0.1, 0.1])
+    b = _delta([100, 101], [0.01, -0.02])  # a delta of small values keeps its own largest entries
+    union, values = merge_deltas([a, b], [1.0, 1.0], "magnitude_prune", density=0.2)
+    kept = {i: v for i, v in zip(union.tolist(), values.tolist(), strict=True) if v != 0}
+    assert kept == {1: -5.0, 4: 4.0, 101: pytest.approx(-0.02)}
+
+
+def test_dare_drops_at_the_density_and_rescales_the_rest():
+    n = 20_000
+    a = _delta(list(range(n)), [1.0] * n)
+    generator = torch.Generator().manual_seed(0)
+    _, values = merge_deltas([a], [1.0], "dare_linear", density=0.25, generator=generator)
+    assert set(values.unique().tolist()) == {0.0, 4.0}
+    assert abs((values != 0).float().mean().item() - 0.25) < 0.02  # expectation preserved: mean ~ 1
+    _, again = merge_deltas([a], [1.0], "dare_linear", 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(values, again)
+
+
+@pytest.mark.parametrize("config", [
+    SparseDeltaConfig(target_modules="all-linear", density=0.1, init_weights=False),
+    S2FTConfig(heads_ratio=0.5, channels_ratio=0.5, init_weights=False),
+], ids=["sparse_delta", "s2ft"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "magnitude_prune"])
+def test_compose_methods_build_ordinary_adapters_that_save_and_reload(tmp_path, config, method):
+    other = copy.deepcopy(config)
+    other.seed = 1
+    model = get_peft_model(tiny_llama(), config)
+    model.add_adapter("b", other)
+    compose(model, ["default", "b"], new_adapter_name="merged", method=method, density=0.3)
+    for layer in sparse_delta_layers(model).values():
+        parts = [(layer.sparse_delta_indices[a], layer.delta_values(a).detach()) for a in ("default", "b")]
+        union, expected = merge_deltas(parts, [1.0, 1.0], method, 0.3, torch.Generator().manual_seed(0))
+        dense = torch.zeros(layer.numel).index_put_((union,), expected).reshape(layer.storage_shape)
+        if layer.fan_in_fan_out:
+            dense = dense.T
+        if method == "dare_ties":  # DARE's draws depend on the layer order; its exactness is tested above
+            assert layer.sparse_delta_values["merged"].numel() <= union.numel()
+            continue
+        torch.testing.assert_close(layer.get_delta_weight("merged"), dense)
+        if isinstance(config, SparseDeltaConfig):  # trimmed entries leave the support
+            assert layer.sparse_delta_values["merged"].numel() == int((expected != 0).sum())
+        else:  # S2FT keeps the union of the slices, trimmed entries at 0
+            assert layer.sparse_delta_values["merged"].numel() == union.numel()
+    model.set_adapter("merged")
+    expected_logits = logits(model)
+    model.save_pretrained(tmp_path, selected_adapters=["merged"])
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "merged", adapter_name="merged")
+    torch.testing.assert_close(logits(reloaded), expected_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_compose_method_errors():
+    model = two_adapter_model()
+    with pytest.raises(ValueError, match="method must be one of"):
+        compose(model, ["default", "b"], new_adapter_name="x", method="average")
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+        compose(model, ["default", "b"], new_adapter_name="x", method="ties", density=0.0)
+    with pytest.raises(ValueError, match="sum keeps every entry"):
+        compose(model, ["default", "b"], new_adapter_name="x", method="sum", density=0.5)
+    assert "x" not in model.peft_config
 
 
 def test_disjoint_regression_targets_compose():
@@ -169,3 +255,58 @@ def test_extraction_reports_untargeted_changes():
         finetuned.model.norm.weight.add_(1.0)
     report = extract_sparse_delta(tiny_llama(), finetuned, density=0.06).extraction_report
     assert report.untargeted_changed_params == ["model.norm.weight"]
+
+
+# ------------------------------------------------------------------ training adapters that compose
+def _calibration_batches():
+    return [{"input_ids": INPUT, "labels": INPUT}]
+
+
+def test_a_second_skill_selects_its_mask_outside_the_first_ones_support():
+    from sparse_peft import select_masks
+
+    model = get_peft_model(tiny_llama(), SparseDeltaConfig(target_modules="all-linear", density=0.1,
+                                                           selection="gradient"))
+    select_masks(model, _calibration_batches())
+    model.add_adapter("second", SparseDeltaConfig(target_modules="all-linear", density=0.1, selection="gradient"))
+    first = SparseMask.from_model(model, "default")
+    select_masks(model, _calibration_batches(), adapter_name="second")
+    unrestricted = SparseMask.from_model(model, "second")
+    assert (unrestricted & first).nnz > 0  # the same batches: gradient masks overlap unless told otherwise
+    select_masks(model, _calibration_batches(), adapter_name="second", exclude=first)
+    second = SparseMask.from_model(model, "second")
+    assert (second & first).nnz == 0 and second.nnz == first.nnz  # disjoint, and the same budget
+
+
+def test_lt_sft_masks_come_from_the_largest_changes_of_a_full_finetune():
+    from sparse_peft.selection import select_from_changes
+
+    finetuned = tiny_llama()
+    layer_name = "model.layers.0.mlp.down_proj"
+    weight = dict(finetuned.named_modules())[layer_name].weight
+    with torch.no_grad():
+        weight.view(-1)[[3, 17, 40]] += torch.tensor([5.0, -4.0, 3.0])
+    model = get_peft_model(tiny_llama(), SparseDeltaConfig(target_modules="all-linear", density=0.1))
+    select_from_changes(model, finetuned)
+    layer = sparse_delta_layers(model)[layer_name]
+    assert {3, 17, 40} <= set(layer.sparse_delta_indices["default"].tolist())
+    assert torch.count_nonzero(layer.sparse_delta_values["default"]) == 0  # trained from the base
+
+
+def test_l1_pull_soft_thresholds_the_values_after_each_step():
+    from sparse_peft import apply_proximal_step
+    from sparse_peft.proximal import sparsity_report
+
+    model = get_peft_model(tiny_llama(), SparseDeltaConfig(target_modules="all-linear", density=0.1,
+                                                           init_weights=False, l1_lambda=0.5))
+    layer = next(iter(sparse_delta_layers(model).values()))
+    before = layer.sparse_delta_values["default"].detach().clone()
+    apply_proximal_step(model, lr=0.2)  # threshold 0.1
+    expected = torch.sign(before) * (before.abs() - 0.1).clamp(min=0)
+    torch.testing.assert_close(layer.sparse_delta_values["default"].detach(), expected)
+    active, total = next(iter(sparsity_report(model).values()))
+    assert 0 < active < total
+    plain = get_peft_model(tiny_llama(), SparseDeltaConfig(target_modules="all-linear", init_weights=False))
+    assert apply_proximal_step(plain, lr=0.2) == {}  # no L1: untouched
+    with pytest.raises(ValueError, match="l1_lambda"):
+        SparseDeltaConfig(l1_lambda=-1.0)

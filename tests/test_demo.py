@@ -13,6 +13,7 @@ import torch
 from demo_fixtures import build, free_port, tiny_llama, tokenizer
 from peft import PeftModel, get_peft_model
 
+from demo.state import DemoError
 from sparse_peft import SparseDeltaConfig
 from sparse_peft.hotswap import BASE, AdapterSwitcher
 
@@ -130,8 +131,13 @@ def test_compose_merge_and_plot(state, tmp_path):
     from transformers import AutoModelForCausalLM
 
     message = state.compose("delta-a", "delta-b", 1.0, 0.5, "mix")
-    assert "mix" in message and "mix" in state.names
+    assert "mix" in message and "ties" in message and "mix" in state.names
     assert state.generate("w4 w5", "mix")[0] != state.generate("w4 w5", BASE)[0]
+    assert "sum(" in state.compose("delta-a", "delta-b", 1.0, 1.0, "plain-sum", "sum", 0.3)  # density unused
+    for method, density, error in (("average", 0.5, "Unknown composition method"), ("ties", 0.0, "in \\(0, 1\\]")):
+        with pytest.raises(DemoError, match=error):
+            state.compose("delta-a", "delta-b", 1.0, 1.0, "bad", method, density)
+    assert "bad" not in state.names
     out = tmp_path / "merged"
     state.merge_and_save("s2ft", str(out))
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -175,6 +181,8 @@ def test_client_concurrent_requests_get_their_own_adapter(served, state):
 
     with ThreadPoolExecutor(12) as pool:
         assert all(pool.map(ask, range(36)))
+    message = client.predict("delta-a", "delta-b", 1.0, 1.0, "client-mix", "dare_ties", 0.5, api_name="/compose")[0]
+    assert "dare_ties" in message and "50%" in message
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -25,6 +25,8 @@ GAINS = {"reverse": 0.5, "date": 0.5, "sort": 0.3}
 """Minimum held-out exact-match gain of each skill's adapter over the base in the CHEAP configuration (seed 0).
 Measured on 2 cores: reverse 100%, date 96%, sort 84% (base 0% on each; 3.4 min for the whole run); the README's
 default (60 steps, batch 16, 200 prompts) reaches 100%, 100%, 97.5%."""
+KEPT = 0.5
+"""Minimum fraction of each composed skill's single-adapter score the TIES composition keeps in CHEAP."""
 
 
 @pytest.fixture(scope="module")
@@ -36,26 +38,28 @@ def quickstart(tmp_path_factory, embedded_model_path):
 
 def test_skills_improve_from_base_to_adapter(quickstart):
     _, result = quickstart
-    assert set(result.accuracy) >= {"base", *SKILLS, "composed"}
+    assert set(result.accuracy) >= {"base", *SKILLS, "composed", "composed (all skills)"}
     for skill, margin in GAINS.items():
         assert result.accuracy["base"][skill] == 0.0
         assert result.gain(skill) >= margin, (skill, result.accuracy)
 
 
-def test_composition_is_the_sum_of_the_skill_deltas(quickstart):
-    """The composed adapter is recorded on both skills, and compose's weights really weigh the deltas: (1, 0)
-    answers exactly like the first skill's adapter. (Whether the plain sum keeps both skills is a measurement,
-    reported in results.md and docs/benchmarks.md, not a property to assert.)"""
+def test_composition_keeps_both_skills_and_weights_weigh(quickstart):
+    """The TIES-composed adapter keeps most of both skills even in this cheap configuration (the figures that
+    count, 3 seeds with the lr and density chosen on validation, are docs/benchmarks.md's), and compose's weights
+    really weigh the deltas: (1, 0) answers exactly like the first skill's adapter."""
     from sparse_peft import compose
 
     output, result = quickstart
     assert set(result.accuracy["composed"]) == set(SKILLS)
+    for skill in COMPOSED:
+        assert result.accuracy["composed"][skill] >= KEPT * result.accuracy[skill][skill], result.accuracy
     tokenizer = AutoTokenizer.from_pretrained(result.base_model)
     base = AutoModelForCausalLM.from_pretrained(result.base_model)
     first, second = COMPOSED
     model = PeftModel.from_pretrained(base, output / "adapters" / first, adapter_name=first)
     model.load_adapter(output / "adapters" / second, adapter_name=second)
-    compose(model, [first, second], weights=[1.0, 0.0], new_adapter_name="first-only")
+    compose(model, [first, second], weights=[1.0, 0.0], new_adapter_name="first-only")  # the plain sum
     model.set_adapter("first-only")
     pairs = skill_examples(first, "test", CHEAP["test_examples"])
     assert exact_match(model, tokenizer, pairs) == result.accuracy[first][first]
@@ -72,14 +76,14 @@ def test_merged_model_gives_the_same_answers(quickstart):
 
 def test_outputs_and_results_table(quickstart):
     output, result = quickstart
-    for skill in [*SKILLS, "composed"]:
+    for skill in [*SKILLS, "composed", "composed-all"]:
         assert (output / "adapters" / skill / "adapter_model.safetensors").is_file()
     saved = json.loads((output / "results.json").read_text())
     assert saved["accuracy"] == result.accuracy
     table = (output / "results.md").read_text()
     assert all(name in table for name in ("| base |", "| composed |", *SKILLS))
     manifest = json.loads((output / "manifest.json").read_text())
-    assert set(manifest["adapters"]) == {*SKILLS, "composed"}
+    assert set(manifest["adapters"]) == {*SKILLS, "composed", "composed-all"}
     assert set(manifest["example_prompts"]) == set(SKILLS)
 
 
@@ -108,7 +112,7 @@ def test_the_demo_serves_the_quickstart_output(quickstart):
 
     output, _ = quickstart
     state = DemoState.load(output)
-    assert set(state.names) == {*SKILLS, "composed"}
+    assert set(state.names) == {*SKILLS, "composed", "composed-all"}
     prompt, completion = skill_examples("date", "test", 1)[0]
     assert state.example_prompts["date"].endswith("->")
     # the page opens on a skill adapter with that skill's prompt, offers two skills to compose, shows the results

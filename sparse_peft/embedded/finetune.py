@@ -21,6 +21,8 @@ from .skills import completion_batch
 if TYPE_CHECKING:  # datasets is the optional [trl] extra: imported where a dataset is built
     from datasets import Dataset
 
+    from ..masks import SparseMask
+
 
 @dataclass
 class FinetuneRun:
@@ -80,10 +82,12 @@ def finetune(
     calibration_batches: int = 2,
     progress: bool = False,
     label: str = "training",
+    exclude: SparseMask | None = None,
 ) -> FinetuneRun:
     """Train ``model`` (a PeftModel, or a plain model for full fine-tuning) for ``steps`` optimizer steps on
     ``train`` (``prompt``/``completion`` columns), warmup then cosine decay. fp32 on CPU: TRL's default bf16
-    autocast is several times slower there. ``label`` names the progress bar (shown when ``progress``)."""
+    autocast is several times slower there. ``label`` names the progress bar (shown when ``progress``). ``exclude``:
+    a support a gradient-selected mask must avoid (see :func:`sparse_peft.select_masks`)."""
     import transformers
     import trl
 
@@ -96,7 +100,7 @@ def finetune(
             completion_batch(tokenizer, pairs[i * batch_size : (i + 1) * batch_size])
             for i in range(calibration_batches)
         ]
-        select_masks(model, batches, adapter_name=model.active_adapter)
+        select_masks(model, batches, adapter_name=model.active_adapter, exclude=exclude)
     with tempfile.TemporaryDirectory() as scratch:
         args = trl.SFTConfig(
             output_dir=scratch,

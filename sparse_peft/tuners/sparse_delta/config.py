@@ -79,6 +79,11 @@ class SparseDeltaConfig(PeftConfig):
         metadata={"help": "Run one active adapter as the base layer's dense matmul (delta written in transiently)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for random selection and non-zero init."})
+    l1_lambda: float = field(
+        default=0.0,
+        metadata={"help": "LT-SFT's L1 pull towards the base: after each optimizer step the values are "
+                  "soft-thresholded by lr * l1_lambda, so deltas stay small and composable (0: off)."},
+    )
     reselect_every: int | None = field(
         default=None,
         metadata={
@@ -153,6 +158,8 @@ class SparseDeltaConfig(PeftConfig):
         def positive_int(value: object) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
+        if isinstance(self.l1_lambda, bool) or not isinstance(self.l1_lambda, int | float) or self.l1_lambda < 0:
+            raise ValueError(f"SparseDeltaConfig: `l1_lambda` must be a number >= 0, got {self.l1_lambda!r}.")
         if self.reselect_every is not None and not positive_int(self.reselect_every):
             raise ValueError(
                 f"SparseDeltaConfig: `reselect_every` must be a positive integer or None, got "

@@ -26,6 +26,7 @@ from torch import nn
 import triton_ops
 
 from ...indices import index_dtype, validate_indices
+from ...proximal import LambdaSchedule, ProximalLayer, soft_threshold_
 from .._quantized import base_weight
 
 
@@ -33,11 +34,15 @@ class CalibrationRequiredError(RuntimeError):
     """A gradient-based selection has not been run yet, so the mask is only a placeholder."""
 
 
-class SparseDeltaLayer(nn.Module, BaseTunerLayer):
-    """Wraps a linear-like base layer (``nn.Linear``, GPT-2 ``Conv1D``, bitsandbytes 4/8-bit) with sparse deltas."""
+class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
+    """Wraps a linear-like base layer (``nn.Linear``, GPT-2 ``Conv1D``, bitsandbytes 4/8-bit) with sparse deltas.
+
+    An adapter made with ``l1_lambda > 0`` takes LT-SFT's L1 pull towards the base after each optimizer step: its
+    values are soft-thresholded by ``lr·λ`` (the shared proximal step, as SoRA's gates)."""
 
     adapter_layer_names = ("sparse_delta_values",)
     other_param_names = ("sparse_delta_indices",)
+    sparsity_unit = "entries"
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: bool = False, **kwargs: Any
@@ -49,6 +54,7 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.fused_mode: dict[str, bool] = {}
         self.needs_calibration: dict[str, bool] = {}
+        self.sparse_schedule: dict[str, LambdaSchedule] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._merge_originals: dict[str, torch.Tensor] = {}
@@ -153,8 +159,26 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for table in (self.scaling, self.fused_mode, self.needs_calibration):
+        for table in (self.scaling, self.fused_mode, self.needs_calibration, self.sparse_schedule):
             table.pop(adapter_name, None)
+
+    # ----------------------------------------------------------------- L1 pull (ProximalLayer)
+    def set_l1_lambda(self, adapter_name: str, l1_lambda: float) -> None:
+        if l1_lambda > 0:
+            self.sparse_schedule[adapter_name] = LambdaSchedule(start=float(l1_lambda))
+        else:
+            self.sparse_schedule.pop(adapter_name, None)
+
+    def proximal_step(self, adapter_name: str, lr: float, lam: float) -> None:
+        soft_threshold_(self.sparse_delta_values[adapter_name], lr * lam)
+
+    def penalized_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return [self.sparse_delta_values[adapter_name]]
+
+    def sparsity(self, adapter_name: str) -> tuple[int, int]:
+        """Non-zero values of the support (the L1 pull sets small ones exactly to zero)."""
+        values = self.sparse_delta_values[adapter_name]
+        return int(torch.count_nonzero(values)), values.numel()
 
     # ----------------------------------------------------------------- execution path
     def _fusable_adapter(self) -> str | None:

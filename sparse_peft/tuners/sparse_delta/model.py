@@ -119,6 +119,7 @@ class SparseDeltaModel(BaseTuner):
             inference_mode=config.inference_mode,
             values=values,
         )
+        layer.set_l1_lambda(adapter_name, config.l1_lambda)
         if new:
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)
