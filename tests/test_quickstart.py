@@ -25,8 +25,6 @@ GAINS = {"reverse": 0.5, "date": 0.5, "sort": 0.3}
 """Minimum held-out exact-match gain of each skill's adapter over the base in the CHEAP configuration (seed 0).
 Measured on 2 cores: reverse 100%, date 96%, sort 84% (base 0% on each; 3.4 min for the whole run); the README's
 default (60 steps, batch 16, 200 prompts) reaches 100%, 100%, 97.5%."""
-KEPT = 0.5
-"""Minimum fraction of each composed skill's single-adapter score the TIES composition keeps in CHEAP."""
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +42,24 @@ def test_skills_improve_from_base_to_adapter(quickstart):
         assert result.gain(skill) >= margin, (skill, result.accuracy)
 
 
-def test_composition_keeps_both_skills_and_weights_weigh(quickstart):
-    """The TIES-composed adapter keeps most of both skills even in this cheap configuration (the figures that
-    count, 3 seeds with the lr and density chosen on validation, are docs/benchmarks.md's), and compose's weights
-    really weigh the deltas: (1, 0) answers exactly like the first skill's adapter."""
+def test_composition_is_ties_and_weights_weigh(quickstart):
+    """The composed row is the TIES composition of the two skill adapters (recomputed from the saved adapters, it
+    scores exactly what the table says), and compose's weights really weigh the deltas: (1, 0) answers exactly like
+    the first skill's adapter. (How much of each skill TIES keeps is a measurement, over 3 seeds with the density
+    chosen on validation, in docs/benchmarks.md; this cheap configuration is not the place to assert it.)"""
     from sparse_peft import compose
 
     output, result = quickstart
-    assert set(result.accuracy["composed"]) == set(SKILLS)
-    for skill in COMPOSED:
-        assert result.accuracy["composed"][skill] >= KEPT * result.accuracy[skill][skill], result.accuracy
+    assert set(result.accuracy["composed"]) == set(SKILLS) and result.compose_method == "ties"
     tokenizer = AutoTokenizer.from_pretrained(result.base_model)
     base = AutoModelForCausalLM.from_pretrained(result.base_model)
     first, second = COMPOSED
     model = PeftModel.from_pretrained(base, output / "adapters" / first, adapter_name=first)
     model.load_adapter(output / "adapters" / second, adapter_name=second)
+    compose(model, [first, second], new_adapter_name="again", method="ties", density=result.compose_density)
+    model.set_adapter("again")
+    pairs = skill_examples(second, "test", CHEAP["test_examples"])
+    assert exact_match(model, tokenizer, pairs) == result.accuracy["composed"][second]
     compose(model, [first, second], weights=[1.0, 0.0], new_adapter_name="first-only")  # the plain sum
     model.set_adapter("first-only")
     pairs = skill_examples(first, "test", CHEAP["test_examples"])
