@@ -24,7 +24,7 @@ from sparse_peft.masks import sparse_delta_layers
 SPARSE_TYPES = ("SPARSE_DELTA", "S2FT")
 COMPOSE_METHODS = {
     "ties": "TIES: keep each adapter's largest entries, elect a sign per entry, average where adapters overlap "
-    "(keeps both skills on the embedded model)",
+    "(on the embedded model it keeps most of both skills where the plain sum loses one)",
     "sum": "the exact sum of the two deltas (LT-SFT; both adapters active at once computes the same)",
     "dare_ties": "DARE: drop entries at random, rescale the rest, then TIES",
     "magnitude_prune": "keep each adapter's largest entries, then sum",
