@@ -53,8 +53,8 @@ def merge_deltas(
     kept = []
     for (indices, values), weight in zip(parts, weights, strict=True):
         indices, values = indices.long(), values.float()
-        if method in ("magnitude_prune", "ties") and density < 1.0:
-            keep = values.abs().topk(max(1, round(density * values.numel()))).indices if values.numel() else indices
+        if method in ("magnitude_prune", "ties") and density < 1.0 and values.numel():
+            keep = values.abs().topk(max(1, round(density * values.numel()))).indices
             mask = torch.zeros_like(values, dtype=torch.bool)
             mask[keep] = True
             values = values * mask
@@ -145,7 +145,8 @@ def compose(
                 channels = torch.unique(torch.cat([layer.channels(a) for a, _ in present]))
                 layer.set_channels(new_adapter_name, channels, values=merged)
             else:
-                kept = merged != 0 if method != "sum" else torch.ones_like(merged, dtype=torch.bool)  # trimmed: gone
-                layer.set_adapter_indices(new_adapter_name, union[kept], values=merged[kept])
+                if method != "sum":  # trimmed or dropped entries leave the support
+                    union, merged = union[merged != 0], merged[merged != 0]
+                layer.set_adapter_indices(new_adapter_name, union, values=merged)
             layer.needs_calibration[new_adapter_name] = False
     return new_adapter_name

@@ -207,7 +207,7 @@ def results_markdown(result: QuickstartResult) -> str:
         f"- composed = sparse_peft.compose([{', '.join(result.composed)}], method=\"{result.compose_method}\"): one "
         f"adapter; TIES keeps each delta's largest {result.compose_density:.0%} of entries, elects a sign per entry "
         "and averages where deltas overlap (the plain sum loses the second skill); composed (all skills): every "
-        "skill adapter, the same way (10% of entries)",
+        f"skill adapter, the same way ({COMPOSE_DENSITY.get(len(SKILLS), DEFAULT_TIES_DENSITY):.0%} of entries)",
         f"- merged ({result.merged_skill}): the reloaded adapter merged into the base; same greedy answers on "
         f"{result.merged_same_answers:.1%} of the test prompts, max |logit diff| {result.merge_max_abs_diff:.1e}",
         f"- trainable parameters per adapter: {result.trainable_params:,} of {result.total_params:,}; "

@@ -13,15 +13,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from .masks import SparseMask, sparse_delta_layers
 from .tuners.sparse_delta.layer import SparseDeltaLayer
-
-if TYPE_CHECKING:
-    from .masks import SparseMask
 
 
 def module_seed(seed: int, module_key: str) -> int:
@@ -59,11 +57,8 @@ def initial_indices(layer: SparseDeltaLayer, k: int, selection: str, seed: int) 
 
 def _sparse_layers(model: nn.Module, adapter_name: str) -> dict[str, SparseDeltaLayer]:
     """The layers carrying ``adapter_name``, keyed by their name in the base model (as :class:`SparseMask`)."""
-    return {
-        name.removeprefix("base_model.model."): module
-        for name, module in model.named_modules()
-        if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_delta_values
-    }
+    return {name: layer for name, layer in sparse_delta_layers(model).items()
+            if adapter_name in layer.sparse_delta_values}
 
 
 def _excluding(score: torch.Tensor, exclude: SparseMask | None, name: str) -> torch.Tensor:

@@ -60,9 +60,9 @@ class SparseDeltaModel(BaseTuner):
         records = self._records(read_adapter_file(source), where)
         undo = InjectionUndo(self, model)
         self._loading[adapter_name] = records
-        try:
+        try:  # each injected module's record is checked as its layer is created (_loaded_support)
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-            self._checked_supports(model, adapter_name, records, where)
+            self._covered_layers(model, adapter_name, records, where)
         except Exception:
             undo(adapter_name)
             raise
@@ -209,11 +209,11 @@ class SparseDeltaModel(BaseTuner):
         return records
 
     @classmethod
-    def _checked_supports(
+    def _covered_layers(
         cls, model: nn.Module, adapter_name: str, records: dict[str, ModuleRecord], where: str
-    ) -> list[tuple[SparseDeltaLayer, ModuleRecord, torch.Tensor]]:
-        """Check that the file covers exactly the layers carrying ``adapter_name`` and that every module passes
-        :meth:`_check_record`; change nothing. Returns (layer, record, canonical support) per module."""
+    ) -> dict[str, SparseDeltaLayer]:
+        """The layers carrying ``adapter_name``, by module name, after checking that the file has tensors for
+        exactly these modules."""
         layers = {name.removeprefix(PEFT_PREFIX): module for name, module in model.named_modules()
                   if isinstance(module, cls.tuner_layer_cls) and adapter_name in module.sparse_delta_values}
         missing, extra = sorted(set(layers) - set(records)), sorted(set(records) - set(layers))
@@ -227,6 +227,15 @@ class SparseDeltaModel(BaseTuner):
                 f"{where}: the file has tensors for modules this model does not adapt: {extra[:5]} "
                 "(was target_modules edited, or is it for another model?)."
             )
+        return layers
+
+    @classmethod
+    def _checked_supports(
+        cls, model: nn.Module, adapter_name: str, records: dict[str, ModuleRecord], where: str
+    ) -> list[tuple[SparseDeltaLayer, ModuleRecord, torch.Tensor]]:
+        """Check that the file covers exactly the layers carrying ``adapter_name`` and that every module passes
+        :meth:`_check_record`; change nothing. Returns (layer, record, canonical support) per module."""
+        layers = cls._covered_layers(model, adapter_name, records, where)
         return [(layer, records[name], cls._check_record(layer, records[name], f"{where}, module '{name}'"))
                 for name, layer in layers.items()]
 
