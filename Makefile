@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # on a CUDA machine install the matching torch first and this pin is satisfied or adjusted by you.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup quickstart test test-setup lint clean
+.PHONY: setup quickstart test test-fast test-setup lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
@@ -35,6 +35,10 @@ test-setup: setup
 
 test: test-setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# the fast subset (no end-to-end tests marked slow): for a quick check while developing
+test-fast: test-setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

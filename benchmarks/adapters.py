@@ -83,6 +83,8 @@ def measure(spec: ModelSpec, r: int, repeats: int) -> dict[str, Any]:
     from peft import PeftModel, get_peft_model
     from peft.utils.hotswap import hotswap_adapter
 
+    from sparse_peft.hotswap import BASE, AdapterSwitcher
+
     torch.set_num_threads(1)
     base = spec.build(seed=0).eval()
     ids = torch.randint(0, spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
@@ -113,6 +115,17 @@ def measure(spec: ModelSpec, r: int, repeats: int) -> dict[str, Any]:
 
                     record["switch_s"] = _timed(switch, repeats)
                     model.unmerge_adapter()
+                    if name != "lora":  # AdapterSwitcher's switch plan: two index copies per weight
+                        switcher = AdapterSwitcher(model)
+                        for warm in ("a", "b"):  # plans are made at the first activation
+                            switcher.activate(warm)
+                        record["plan_switch_s"] = _timed(
+                            lambda s=switcher: s.activate("a" if s.active == "b" else "b"), repeats
+                        )
+                        nnz = sum(e.indices.numel() for plan in switcher._plans.values() for e in plan or ())
+                        # per switch: each entry of both adapters reads an int64 index and a value, writes a value
+                        record["plan_switch_bytes"] = nnz * (8 + 2 * 4)
+                        switcher.activate(BASE)
                     fresh = copy.deepcopy(base)
                     tick = time.perf_counter()
                     loaded = PeftModel.from_pretrained(fresh, Path(tmp) / name / "a")
@@ -133,8 +146,11 @@ def measure(spec: ModelSpec, r: int, repeats: int) -> dict[str, Any]:
         tick = time.perf_counter()
         base(input_ids=ids).logits[:, -1].argmax(-1)
         base_forward = time.perf_counter() - tick
+    big, into = torch.ones(2**24), torch.zeros(2**24)  # 64 MiB each: the copy bandwidth the switch is compared with
+    copy_s = _timed(lambda: into.copy_(big), max(repeats, 3))
     return {
         "results": results,
+        "copy_bytes_per_s": 2 * big.numel() * 4 / copy_s,  # read + write
         "base_forward_s": base_forward,
         "total_params": sum(p.numel() for p in base.parameters()),
     }
@@ -152,20 +168,24 @@ def render(data: dict[str, Any]) -> str:
         f"{data['repeats']} repeats.",
         "",
         "| method | trainable params | adapter file (KiB) | / LoRA | fused switch (ms) | LoRA / this | "
-        "load + merge + first token (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "planned switch (ms) | LoRA / planned | load + merge + first token (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res.values():
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error']} ||||||")
+            lines.append(f"| {r['label']} | failed: {r['error']} ||||||||")
             continue
         size_ratio = r["file_bytes"] / lora["file_bytes"] if lora.get("file_bytes") else float("nan")
         switch = f"{r['switch_s'] * 1e3:,.1f}" if "switch_s" in r else ""
         speedup = f"{lora['switch_s'] / r['switch_s']:.1f}x" if "switch_s" in r and "switch_s" in lora else ""
         first = f"{r['first_token_s'] * 1e3:,.0f}" if "first_token_s" in r else ""
+        planned = f"{r['plan_switch_s'] * 1e3:,.2f}" if "plan_switch_s" in r else ""
+        plan_speedup = (
+            f"{lora['switch_s'] / r['plan_switch_s']:.0f}x" if "plan_switch_s" in r and "switch_s" in lora else ""
+        )
         lines.append(
             f"| {r['label']} | {r['trainable_params']:,} | {r['file_bytes'] / 1024:,.0f} | {size_ratio:.2f} "
-            f"| {switch} | {speedup} | {first} |"
+            f"| {switch} | {speedup} | {planned} | {plan_speedup} | {first} |"
         )
     if "hotswap_s" in lora:
         lines += [
@@ -173,6 +193,21 @@ def render(data: dict[str, Any]) -> str:
             f"PEFT `hotswap_adapter` (LoRA, unmerged: the swapped adapter then runs as extra matmuls on every "
             f"forward) takes {lora['hotswap_s'] * 1e3:,.1f} ms here, file read included. One base forward of 16 "
             f"tokens takes {data['base_forward_s'] * 1e3:,.0f} ms.",
+        ]
+    planned = [r for r in res.values() if "plan_switch_s" in r]
+    if planned and "copy_bytes_per_s" in data:
+        lines += [
+            "",
+            "Planned switch (`sparse_peft.hotswap.AdapterSwitcher.activate`): per weight, the saved base entries of "
+            "the leaving adapter and the precomputed merged entries of the next one are written with two index copies, "
+            "without PEFT's per-module merge bookkeeping (bit-identical to `set_adapter` + `merge_adapter`, tested). "
+            + "; ".join(
+                f"{r['label']}: {r['plan_switch_bytes'] / r['plan_switch_s'] / 1e9:.1f} GB/s of index + value traffic "
+                f"= {r['plan_switch_bytes'] / r['plan_switch_s'] / data['copy_bytes_per_s']:.0%} of this machine's "
+                f"copy bandwidth ({data['copy_bytes_per_s'] / 1e9:.1f} GB/s: a 64 MiB `copy_`)"
+                for r in planned
+            )
+            + ".",
         ]
     lines += [
         "",

@@ -197,7 +197,7 @@ def analyse(base: Path, family: str, skills: tuple[str, ...], seed: int, lr: flo
     per_kind: dict[str, list[list[float]]] = {}
     for name, layer in layers.items():
         weight = layer.get_base_layer().weight.detach().float().reshape(-1)
-        (ia, va), (ib, vb) = ((layer.sparse_delta_indices[a].long(), layer.delta_values(a).detach().float())
+        (ia, va), (ib, vb) = ((layer.support_indices[a].long(), layer.delta_values(a).detach().float())
                               for a in (first, second))
         shared_a, shared_b = torch.isin(ia, ib), torch.isin(ib, ia)
         cosine = float(torch.nn.functional.cosine_similarity(va[shared_a], vb[shared_b], dim=0)) \
@@ -215,7 +215,7 @@ def analyse(base: Path, family: str, skills: tuple[str, ...], seed: int, lr: flo
         with torch.no_grad():  # the second skill's delta only where keep_layer: the first's elsewhere
             for name, layer in layers.items():
                 if not keep_layer(name):
-                    layer.set_adapter_indices(f"sum-{part}", layer.sparse_delta_indices[first].clone(),
+                    layer.set_adapter_indices(f"sum-{part}", layer.support_indices[first].clone(),
                                               values=layer.delta_values(first).detach().float().clone())
     for adapter in ("sum", "sum-attention", "sum-mlp"):
         model.set_adapter(adapter)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-import triton_ops
+from sparse_peft import triton_ops
 
 DOC = Path("docs/kernels.json")
 

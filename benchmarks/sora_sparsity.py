@@ -75,22 +75,12 @@ class RunResult:
 # ------------------------------------------------------------------------------------------------ task
 def build_task(s: Settings) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """(base, teacher, held-out input ids): the teacher is the base plus planted rank-k deltas."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from sparse_peft.embedded.toy import tiny_llama
 
-    config = LlamaConfig(
-        vocab_size=s.vocab,
-        hidden_size=s.hidden,
-        intermediate_size=2 * s.hidden,
-        num_hidden_layers=s.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    torch.manual_seed(s.seed)
-    base = LlamaForCausalLM(config).eval()
+    base = tiny_llama(
+        s.seed, vocab_size=s.vocab, hidden_size=s.hidden, num_hidden_layers=s.layers, initializer_range=0.1,
+        tie_word_embeddings=False, use_cache=False,
+    ).eval()
     teacher = copy.deepcopy(base)
     gen = torch.Generator().manual_seed(s.seed + 1)
     with torch.no_grad():

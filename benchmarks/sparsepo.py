@@ -79,13 +79,9 @@ def base_model(settings: argparse.Namespace, folder: Path) -> Path:
     """A tiny Llama fine-tuned on completions with random (balanced) sentiment, saved to ``folder``."""
     import trl
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
+    from sparse_peft.embedded.toy import tiny_llama
+
     rows = pairs(256, settings.length, seed=10_000)
     rng = random.Random(1)
     text = [r["prompt"] + (r["chosen"] if rng.random() < 0.5 else r["rejected"]) for r in rows]
@@ -95,7 +91,7 @@ def base_model(settings: argparse.Namespace, folder: Path) -> Path:
         bf16=False, max_length=32, seed=0,
     )  # fmt: skip
     trainer = trl.SFTTrainer(
-        model=LlamaForCausalLM(config), args=args, train_dataset=Dataset.from_dict({"text": text}),
+        model=tiny_llama(0, vocab_size=len(WORDS)), args=args, train_dataset=Dataset.from_dict({"text": text}),
         processing_class=tokenizer(),
     )  # fmt: skip
     trainer.train()
@@ -132,8 +128,7 @@ def run_one(method: str, seed: int, base: Path, settings: argparse.Namespace, fo
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    import trainers
-    from sparse_peft import SparseDeltaConfig
+    from sparse_peft import SparseDeltaConfig, trainers
 
     tok = tokenizer()
     train = Dataset.from_list(pairs(settings.train_pairs, settings.length, seed=seed))

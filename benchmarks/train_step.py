@@ -57,9 +57,10 @@ class ModelSpec:
 
     def build(self, seed: int) -> nn.Module:
         """A ``LlamaForCausalLM`` with seeded random weights (fp32)."""
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from sparse_peft.embedded.toy import tiny_llama
 
-        config = LlamaConfig(
+        return tiny_llama(
+            seed,
             hidden_size=self.hidden_size,
             num_hidden_layers=self.num_layers,
             intermediate_size=self.intermediate_size,
@@ -70,8 +71,6 @@ class ModelSpec:
             tie_word_embeddings=False,
             use_cache=False,
         )
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
 
     def describe(self) -> str:
         heads = f"{self.num_heads} heads" + (

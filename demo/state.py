@@ -289,11 +289,11 @@ class DemoState:
 
 def _layer_stats(model: PeftModel, adapter: str, peft_type: str) -> tuple[list[str], list[float], str]:
     if peft_type in SPARSE_TYPES:
-        layers = {n: m for n, m in sparse_delta_layers(model).items() if adapter in m.sparse_delta_values}
+        layers = {n: m for n, m in sparse_delta_layers(model).items() if adapter in m.support_values}
         short = [n.replace("model.layers.", "L").replace(".self_attn", "").replace(".mlp", "") for n in layers]
         if peft_type == "S2FT":
             return short, [float(m.channels(adapter).numel()) for m in layers.values()], "selected channels"
-        return short, [m.sparse_delta_values[adapter].numel() / m.numel for m in layers.values()], "density"
+        return short, [m.support_values[adapter].numel() / m.numel for m in layers.values()], "density"
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     labels, ranks = [], []

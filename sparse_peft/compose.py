@@ -119,7 +119,7 @@ def compose(
         raise ValueError("compose: adapters of one type only (a PeftModel holds one adapter type).")
 
     layers = {
-        n: m for n, m in sorted(sparse_delta_layers(model).items()) if any(a in m.sparse_delta_values for a in names)
+        n: m for n, m in sorted(sparse_delta_layers(model).items()) if any(a in m.support_values for a in names)
     }
     config = copy.deepcopy(model.peft_config[names[0]])
     config.target_modules = sorted(layers)
@@ -128,7 +128,7 @@ def compose(
     config.selection, config.init_weights = "random", True
     if isinstance(config, S2FTConfig):  # the union of column/row slices is again a slice
         config.channel_plan = {
-            name: torch.unique(torch.cat([layer.channels(a) for a in names if a in layer.sparse_delta_values]))
+            name: torch.unique(torch.cat([layer.channels(a) for a in names if a in layer.support_values]))
             .tolist()
             for name, layer in layers.items()
         }
@@ -138,8 +138,8 @@ def compose(
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in layers.values():  # sorted by name: DARE's draws do not depend on module order
-            present = [(a, w) for a, w in zip(names, weights, strict=True) if a in layer.sparse_delta_values]
-            parts = [(layer.sparse_delta_indices[a], layer.delta_values(a).detach()) for a, _ in present]
+            present = [(a, w) for a, w in zip(names, weights, strict=True) if a in layer.support_values]
+            parts = [(layer.support_indices[a], layer.delta_values(a).detach()) for a, _ in present]
             union, merged = merge_deltas(parts, [w for _, w in present], method, float(density), generator)
             if isinstance(layer, S2FTLinear):  # the union of slices is a slice: keep it whole, trimmed entries at 0
                 channels = torch.unique(torch.cat([layer.channels(a) for a, _ in present]))

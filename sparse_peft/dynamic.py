@@ -6,7 +6,7 @@ start at 0 and their optimizer state (Adam's moments, or any per-element state) 
 trainable values never changes, so optimizers and compiled graphs keep their shapes.
 
 Scores come from the ``regrow_window`` steps before each reselection, from each layer's dense gradient formed
-transiently in a backward hook (one layer at a time; see :func:`sparse_peft.selection.dense_grad_hooks`):
+transiently in a backward hook (one layer at a time; see :func:`sparse_peft.tuners._support.dense_grad_hooks`):
 
 * ``gradient`` — accumulated ``|∂L/∂W|`` of candidate entries, kept as a bounded sparse candidate list (the top
   entries of each step, summed), so there is no dense per-weight state;
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .masks import sparse_delta_layers
-from .selection import dense_grad_hooks
+from .tuners._support import dense_grad_hooks
 from .tuners.sparse_delta.config import SparseDeltaConfig
 from .tuners.sparse_delta.layer import SparseDeltaLayer
 
@@ -59,7 +59,7 @@ class ReselectionStats:
 
 
 def _max_candidates(layer: SparseDeltaLayer, adapter: str, config: SparseDeltaConfig) -> int:
-    k = layer.sparse_delta_values[adapter].numel()
+    k = layer.support_values[adapter].numel()
     most = k if config.reselect_first_full else math.ceil(config.reselect_fraction * k)
     return max(1, min(layer.numel - k, CANDIDATE_FACTOR * most))
 
@@ -129,15 +129,15 @@ def replace_support(
     Kept entries keep their values and optimizer state; new entries start at 0 with zeroed state. The values
     Parameter and index buffer are updated in place, so optimizers keep referencing them. Returns #new entries.
     """
-    values = layer.sparse_delta_values[adapter]
-    old = layer.sparse_delta_indices[adapter].long()
+    values = layer.support_values[adapter]
+    old = layer.support_indices[adapter].long()
     new = new_indices.to(old.device).long()
     if new.shape != old.shape:
         raise ValueError(f"replace_support: {new.numel()} new indices for {old.numel()} values.")
     pos = torch.searchsorted(old, new).clamp(max=max(old.numel() - 1, 0))
     kept = old[pos] == new
     values.copy_(torch.where(kept, values[pos], torch.zeros_like(values)))
-    layer.sparse_delta_indices[adapter].copy_(new.to(layer.sparse_delta_indices[adapter].dtype))
+    layer.support_indices[adapter].copy_(new.to(layer.support_indices[adapter].dtype))
     state = getattr(optimizer, "state", {}).get(values, {}) if optimizer is not None else {}
     for key, tensor in state.items():
         if isinstance(tensor, torch.Tensor) and tensor.shape == values.shape:
@@ -171,11 +171,11 @@ class DynamicMasks:
             for n, c in configs.items()
             if isinstance(c, SparseDeltaConfig)
             and c.is_dynamic
-            and any(layer.sparse_delta_values[n].requires_grad for layer in self._layers(n).values())
+            and any(layer.support_values[n].requires_grad for layer in self._layers(n).values())
         }
 
     def _layers(self, adapter: str) -> dict[str, SparseDeltaLayer]:
-        return {n: m for n, m in sparse_delta_layers(self.model).items() if adapter in m.sparse_delta_values}
+        return sparse_delta_layers(self.model, adapter)
 
     # ------------------------------------------------------------------ schedule
     def _in_window(self, adapter: str, step_number: int) -> bool:
@@ -200,12 +200,12 @@ class DynamicMasks:
 
     def _consumer(self, adapter: str, layer: SparseDeltaLayer, state: _LayerScore, config: SparseDeltaConfig):
         def consume(grad: torch.Tensor) -> None:
-            if not layer.sparse_delta_values[adapter].requires_grad:
+            if not layer.support_values[adapter].requires_grad:
                 return
             if config.regrow == "momentum":
                 _accumulate_momentum(state, grad)
             else:
-                active = layer.sparse_delta_indices[adapter].long()
+                active = layer.support_indices[adapter].long()
                 _accumulate_gradient(state, grad, active, _max_candidates(layer, adapter, config))
             state.steps += 1
 
@@ -236,8 +236,8 @@ class DynamicMasks:
         stats = ReselectionStats(step=self.completed_steps, fraction=fraction)
         for name, layer in self._layers(adapter).items():
             state = self._scores.pop((adapter, name), _LayerScore())
-            values = layer.sparse_delta_values[adapter]
-            active = layer.sparse_delta_indices[adapter].long()
+            values = layer.support_values[adapter]
+            active = layer.support_indices[adapter].long()
             n = min(round(fraction * active.numel()), layer.numel - active.numel())
             grow = (
                 _regrow_choice(state, active, n, layer.storage_shape, config.regrow) if n > 0 else active[:0]

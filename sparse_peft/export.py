@@ -24,10 +24,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .tuners._lowrank import SparseLowRankConfig, SparseLowRankLayer
+from .tuners.sparse_delta.layer import PEFT_PREFIX
 
 __all__ = ["LoraExport", "export_to_lora", "to_lora_state_dict"]
-
-_PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -52,7 +51,7 @@ def _target_modules(model: nn.Module, names: list[str]) -> set[str] | str:
     """The exported module names; an anchored regex instead if a plain name would also suffix-match another module."""
     wanted = set(names)
     suffixes = tuple("." + n for n in wanted)
-    all_names = [n.removeprefix(_PEFT_PREFIX) for n, _ in model.named_modules()]
+    all_names = [n.removeprefix(PEFT_PREFIX) for n, _ in model.named_modules()]
     if any(n not in wanted and n.endswith(suffixes) for n in all_names):
         return "^(?:" + "|".join(re.escape(n) for n in sorted(wanted)) + ")$"
     return wanted
@@ -83,8 +82,8 @@ def to_lora_state_dict(
     for name, layer in model.named_modules():
         if not isinstance(layer, SparseLowRankLayer) or adapter_name not in layer.r:
             continue
-        rel = name.removeprefix(_PEFT_PREFIX)
-        key = name if name.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + name
+        rel = name.removeprefix(PEFT_PREFIX)
+        key = name if name.startswith(PEFT_PREFIX) else PEFT_PREFIX + name
         original_ranks[rel] = layer.r[adapter_name]
         keep = layer.active_ranks(adapter_name)
         if keep.numel() == 0:

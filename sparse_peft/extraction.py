@@ -17,8 +17,8 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from .masks import sparse_delta_layers
-from .selection import top_k_indices
-from .tuners.sparse_delta.config import SparseDeltaConfig
+from .tuners._support import top_k_indices
+from .tuners.sparse_delta.config import SparseDeltaConfig, entries_for_density
 
 
 @dataclass
@@ -75,7 +75,7 @@ def extract_sparse_delta(
     threshold = None
     if budget == "global":
         total = sum(layer.numel for layer in layers.values())
-        keep = max(1, round(density * total))
+        keep = entries_for_density(density, total)
         running = torch.empty(0)
         for name in layers:  # pass 1: running global top-K of |Δ|
             running = torch.topk(
@@ -91,7 +91,7 @@ def extract_sparse_delta(
         for name, layer in layers.items():  # pass 2: one dense difference at a time
             delta = difference(name)
             if threshold is None:
-                indices = top_k_indices(delta.abs(), layer.sparse_delta_values[adapter_name].numel())
+                indices = top_k_indices(delta.abs(), layer.support_values[adapter_name].numel())
             else:
                 indices = torch.nonzero(delta.abs().flatten() >= threshold).flatten()
                 if indices.numel() == 0:

@@ -1,7 +1,10 @@
 """Fast adapter switching in fused form: the active adapter lives merged in the base weights.
 
-For sparse adapters (SPARSE_DELTA, S2FT) a switch is an O(nnz) scatter: ``unmerge`` writes the saved originals
-back (bit-exact), ``merge`` adds the next adapter's values. The weight tensors are updated in place, so the
+For sparse adapters (SPARSE_DELTA, S2FT) a switch is an O(nnz) scatter that writes the saved originals back
+(bit-exact) and the next adapter's merged entries in. A per-adapter switch plan (the base entries under the
+adapter and those entries with the delta added, computed once with the merge's own arithmetic) turns each switch into
+two index copies per weight, with no per-module PEFT bookkeeping: memory speed. The weight tensors are updated in
+place, so the
 :meth:`AdapterSwitcher.serving_model` (the bare architecture sharing those tensors) can be ``torch.compile``d once
 and never recompiles on a switch. The same calls work for any PEFT adapter
 that can merge (LoRA, SoRA, group-sparse LoRA), at their own cost. One lock serialises every state change and
@@ -15,13 +18,52 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from . import triton_ops
+from .tuners.sparse_delta.layer import SparseDeltaLayer
+
 BASE = "base"
 """Name that selects the bare base model (no adapter)."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    layer: SparseDeltaLayer
+    flat_weight: torch.Tensor  # a flat view of the live base weight
+    indices: torch.Tensor  # int64, sorted
+    originals: torch.Tensor  # the base entries under the adapter
+    merged: torch.Tensor  # the same entries with the (scaled) delta added, as merge() computes them
+    version: int  # of the adapter's values when the plan was made: a trained adapter gets a new plan
+
+
+def _switch_plan(model: PeftModel, name: str) -> list[_Entry] | None:
+    """Per weight, what activating sparse adapter ``name`` writes; None when the fast path does not apply (other
+    adapter types, quantized or non-float bases)."""
+    entries = []
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if not isinstance(module, SparseDeltaLayer) or module.is_quantized:
+            return None
+        if name not in module.support_values:
+            continue
+        weight = module.get_base_layer().weight
+        if not weight.is_floating_point() or not weight.is_contiguous():
+            return None
+        flat = weight.data.view(-1)
+        indices = module.support_indices[name].long()
+        originals = triton_ops.gather(flat, indices)
+        merged = originals.clone()
+        triton_ops.scatter_add_(merged, torch.arange(merged.numel(), device=merged.device),
+                                module.delta_values(name).detach())
+        entries.append(_Entry(module, flat, indices, originals, merged, module.support_values[name]._version))
+    return entries
 
 
 class AdapterSwitcher:
@@ -34,6 +76,7 @@ class AdapterSwitcher:
         self.lock = threading.RLock()
         self.active: str = BASE
         self.last_switch_s: float = 0.0
+        self._plans: dict[str, list[_Entry] | None] = {}
         if any(getattr(m, "merged", False) for m in model.modules()):
             model.unmerge_adapter()
 
@@ -50,13 +93,63 @@ class AdapterSwitcher:
                 return 0.0
             tick = time.perf_counter()
             if self.active != BASE:
-                self.model.unmerge_adapter()
+                leaving = self._plan(self.active)
+                if leaving is not None and self._plan_is_merged(self.active, leaving):
+                    self._write(self.active, leaving, merge=False)
+                else:
+                    self.model.unmerge_adapter()
             if name != BASE:
-                self.model.set_adapter(name)
-                self.model.merge_adapter()
+                entering = self._plan(name)  # made (or refreshed) on the base weights: nothing is merged now
+                if entering is not None:
+                    self._write(name, entering, merge=True)
+                else:
+                    self.model.set_adapter(name)
+                    self.model.merge_adapter()
             self.active = name
             self.last_switch_s = time.perf_counter() - tick
             return self.last_switch_s
+
+    def _plan(self, name: str) -> list[_Entry] | None:
+        """The cached switch plan of ``name`` (rebuilt while it is not merged, if its values changed since)."""
+        if name == BASE:
+            return None
+        plan = self._plans.get(name)
+        stale = plan is not None and not all(self._current(name, e) for e in plan)
+        if name not in self._plans or (stale and name != self.active):
+            plan = self._plans[name] = _switch_plan(self.model, name)
+        return plan
+
+    @staticmethod
+    def _current(name: str, entry: _Entry) -> bool:
+        """The plan entry still describes the layer: same weight storage, same adapter values."""
+        weight = entry.layer.get_base_layer().weight
+        return weight.data_ptr() == entry.flat_weight.data_ptr() and (
+            entry.layer.support_values[name]._version == entry.version
+        )
+
+    def _plan_is_merged(self, name: str, plan: list[_Entry]) -> bool:
+        """Whether ``name`` is merged exactly as its plan wrote it (nobody merged, unmerged or moved the weights
+        behind our back); otherwise the layers' own unmerge restores it."""
+        return all(
+            e.layer.merged_adapters == [name] and e.layer.get_base_layer().weight.data_ptr() == e.flat_weight.data_ptr()
+            for e in plan
+        )
+
+    def _write(self, name: str, plan: list[_Entry], merge: bool) -> None:
+        """Two index copies per weight, and the layers' own merge bookkeeping kept exact, so PEFT's
+        ``unmerge_adapter`` / ``merge_and_unload`` and the layers' forwards see a normal merged adapter."""
+        for entry in plan:
+            layer = entry.layer
+            entry.flat_weight.index_copy_(0, entry.indices, entry.merged if merge else entry.originals)
+            if merge:
+                layer.merged_adapters.append(name)
+                layer._merge_originals[name] = entry.originals  # only read (by an unmerge)
+                layer._active_adapter = name
+            else:
+                layer.merged_adapters.remove(name)
+                layer._merge_originals.pop(name, None)
+        if merge:
+            self.model.base_model.active_adapter = name
 
     @contextmanager
     def using(self, name: str) -> Iterator[PeftModel]:

@@ -33,39 +33,43 @@ def validate_indices(
     numel: int,
     values: torch.Tensor | None = None,
     where: str = "sparse delta",
+    kind: str = "indices",
 ) -> torch.Tensor:
-    """Check ``indices`` and return them in the canonical dtype for ``numel``; raise with a clear message if bad."""
+    """Check ``indices`` and return them in the canonical dtype for ``numel``; raise with a clear message if bad.
+
+    ``kind`` names them in the messages (S2FT validates its ``"channel ids"`` against the sliced axis with this
+    same check)."""
     if not isinstance(indices, torch.Tensor):
-        raise InvalidSparseIndicesError(f"{where}: indices must be a tensor, got {type(indices).__name__}.")
+        raise InvalidSparseIndicesError(f"{where}: {kind} must be a tensor, got {type(indices).__name__}.")
     if indices.dtype not in (torch.int32, torch.int64):
         raise InvalidSparseIndicesError(
-            f"{where}: indices must be int32 or int64, got {indices.dtype} (a float or narrow integer index "
+            f"{where}: {kind} must be int32 or int64, got {indices.dtype} (a float or narrow integer index "
             "file is corrupt or was written by another tool)."
         )
     if indices.dim() != 1:
-        raise InvalidSparseIndicesError(f"{where}: indices must be 1-D, got shape {tuple(indices.shape)}.")
+        raise InvalidSparseIndicesError(f"{where}: {kind} must be 1-D, got shape {tuple(indices.shape)}.")
     if values is not None:
         if not values.is_floating_point():
             raise InvalidSparseIndicesError(f"{where}: values must be floating point, got {values.dtype}.")
         if values.shape != indices.shape:
             raise InvalidSparseIndicesError(
-                f"{where}: {indices.numel()} indices but values have shape {tuple(values.shape)}."
+                f"{where}: {indices.numel()} {kind} but values have shape {tuple(values.shape)}."
             )
     if indices.numel() > numel:
         raise InvalidSparseIndicesError(
-            f"{where}: {indices.numel()} indices for a matrix of only {numel} entries."
+            f"{where}: {indices.numel()} {kind} for a matrix of only {numel} entries."
         )
     if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= numel:
             raise InvalidSparseIndicesError(
-                f"{where}: indices out of range: found [{lo}, {hi}] for a matrix of {numel} entries."
+                f"{where}: {kind} out of range: found [{lo}, {hi}] for a matrix of {numel} entries."
             )
         steps = indices[1:] - indices[:-1]
         if (steps == 0).any():
-            raise InvalidSparseIndicesError(f"{where}: indices contain duplicates.")
+            raise InvalidSparseIndicesError(f"{where}: {kind} contain duplicates.")
         if (steps < 0).any():
-            raise InvalidSparseIndicesError(f"{where}: indices are not sorted in increasing order.")
+            raise InvalidSparseIndicesError(f"{where}: {kind} are not sorted in increasing order.")
     return indices.to(index_dtype(numel))
 
 

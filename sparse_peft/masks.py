@@ -14,18 +14,7 @@ import torch
 from torch import nn
 
 from .indices import validate_indices
-from .tuners.sparse_delta.layer import SparseDeltaLayer
-
-_PEFT_PREFIX = "base_model.model."
-
-
-def sparse_delta_layers(model: nn.Module) -> dict[str, SparseDeltaLayer]:
-    """Sparse-delta layers of a (Peft)model keyed by their name in the base model."""
-    return {
-        name.removeprefix(_PEFT_PREFIX): module
-        for name, module in model.named_modules()
-        if isinstance(module, SparseDeltaLayer)
-    }
+from .tuners.sparse_delta.layer import sparse_delta_layers
 
 
 @dataclass(frozen=True)
@@ -47,15 +36,13 @@ class SparseMask:
     @classmethod
     def from_model(cls, model: nn.Module, adapter_name: str = "default") -> SparseMask:
         """The support of one sparse-delta adapter of ``model``."""
-        layers = {
-            n: m for n, m in sparse_delta_layers(model).items() if adapter_name in m.sparse_delta_indices
-        }
+        layers = sparse_delta_layers(model, adapter_name)
         if not layers:
             raise ValueError(
                 f"SparseMask.from_model: no sparse_delta adapter named {adapter_name!r} in the model."
             )
         return cls(
-            {n: m.sparse_delta_indices[adapter_name].detach().cpu().long() for n, m in layers.items()},
+            {n: m.support_indices[adapter_name].detach().cpu().long() for n, m in layers.items()},
             {n: m.storage_shape for n, m in layers.items()},
         )
 
@@ -133,9 +120,7 @@ class SparseMask:
     def apply(self, model: nn.Module, adapter_name: str) -> None:
         """Put adapter ``adapter_name`` on exactly this support (values reset to zero), e.g. to train a new
         adapter restricted to a given mask. Modules of the adapter absent from the mask are an error."""
-        layers = {
-            n: m for n, m in sparse_delta_layers(model).items() if adapter_name in m.sparse_delta_indices
-        }
+        layers = sparse_delta_layers(model, adapter_name)
         missing = sorted(layers.keys() - self.supports.keys())
         if missing:
             raise ValueError(f"SparseMask.apply: the mask has no support for modules {missing}.")

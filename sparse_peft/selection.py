@@ -10,8 +10,7 @@ the batches per group.
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from contextlib import ExitStack
 from typing import Any
 
@@ -19,46 +18,10 @@ import torch
 from torch import nn
 
 from .masks import SparseMask, sparse_delta_layers
+from .tuners._support import batch_loss, dense_grad_hooks, top_k_indices
+from .tuners.s2ft.calibration import select_s2ft
+from .tuners.s2ft.config import S2FTConfig
 from .tuners.sparse_delta.layer import SparseDeltaLayer
-
-
-def module_seed(seed: int, module_key: str) -> int:
-    """A per-module seed that does not depend on the order modules are visited in."""
-    return (seed * 1_000_003 + zlib.crc32(module_key.encode())) % (2**63 - 1)
-
-
-def random_indices(numel: int, k: int, seed: int) -> torch.Tensor:
-    """k distinct sorted flat indices drawn uniformly, reproducible from ``seed``.
-
-    For small k it draws with replacement and keeps a random k of the distinct draws (O(k log k)) instead of
-    permuting all ``numel`` entries, which dominated adapter creation and loading time on large layers.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    if 4 * k > numel:
-        return torch.randperm(numel, generator=gen)[:k].sort().values
-    draws = torch.zeros(0, dtype=torch.long)
-    while draws.numel() < k:
-        draws = torch.unique(torch.cat([draws, torch.randint(0, numel, (k + k // 4 + 16,), generator=gen)]))
-    return draws[torch.randperm(draws.numel(), generator=gen)[:k]].sort().values
-
-
-def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted flat indices of the k largest scores (ties broken by position, so the choice is deterministic)."""
-    flat = scores.reshape(-1).float()
-    return torch.topk(flat, k, sorted=False).indices.sort().values
-
-
-def initial_indices(layer: SparseDeltaLayer, k: int, selection: str, seed: int) -> torch.Tensor:
-    """Indices chosen at creation time; gradient-based selections start on a random placeholder."""
-    if selection == "magnitude":
-        return top_k_indices(layer.dense_weight().abs(), k).cpu()
-    return random_indices(layer.numel, k, seed)
-
-
-def _sparse_layers(model: nn.Module, adapter_name: str) -> dict[str, SparseDeltaLayer]:
-    """The layers carrying ``adapter_name``, keyed by their name in the base model (as :class:`SparseMask`)."""
-    return {name: layer for name, layer in sparse_delta_layers(model).items()
-            if adapter_name in layer.sparse_delta_values}
 
 
 def _excluding(score: torch.Tensor, exclude: SparseMask | None, name: str) -> torch.Tensor:
@@ -68,43 +31,6 @@ def _excluding(score: torch.Tensor, exclude: SparseMask | None, name: str) -> to
     flat = score.reshape(-1)
     flat[exclude.supports[name].to(flat.device)] = -1.0  # scores are >= 0
     return score
-
-
-def _batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    if isinstance(batch, Mapping):
-        out = model(**batch)
-    elif isinstance(batch, list | tuple):
-        out = model(*batch)
-    else:
-        out = model(batch)
-    loss = out["loss"] if isinstance(out, Mapping) and "loss" in out else getattr(out, "loss", out)
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            "select_masks: the model output has no `loss`; pass `loss_fn=` or batches with labels."
-        )
-    return loss if loss.dim() == 0 else loss.sum()
-
-
-def dense_grad_hooks(layer: SparseDeltaLayer, consume: Callable[[torch.Tensor], None]) -> list[Any]:
-    """Hooks that hand each backward's dense ``dL/dW`` (storage layout, fp32) of ``layer`` to ``consume``.
-
-    The gradient is formed from the saved layer input and the output gradient, passed on and dropped at once,
-    so only one layer's dense gradient exists at a time. Returns the handles to remove.
-    """
-
-    def on_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if not (torch.is_grad_enabled() and output.requires_grad):
-            return
-        layer_input = args[0].detach()
-
-        def on_grad(grad: torch.Tensor) -> None:
-            x = layer_input.reshape(-1, layer.in_features).float()
-            dy = grad.reshape(-1, layer.out_features).float()
-            consume(x.t() @ dy if layer.fan_in_fan_out else dy.t() @ x)
-
-        output.register_hook(on_grad)
-
-    return [layer.register_forward_hook(on_forward)]
 
 
 def _score_hooks(layer: SparseDeltaLayer, score: torch.Tensor, snip: bool) -> list[Any]:
@@ -120,7 +46,7 @@ def _score_hooks(layer: SparseDeltaLayer, score: torch.Tensor, snip: bool) -> li
 
 @torch.no_grad()
 def _reselect(layer: SparseDeltaLayer, adapter_name: str, score: torch.Tensor) -> None:
-    k = layer.sparse_delta_values[adapter_name].numel()
+    k = layer.support_values[adapter_name].numel()
     if int((score.reshape(-1) >= 0).sum()) < k:
         raise ValueError(
             f"sparse_delta adapter '{adapter_name}': {k} entries asked but fewer are outside the excluded support."
@@ -150,23 +76,21 @@ def select_masks(
     second skill trains on entries disjoint from the first's and composes without overlap).
     Values are reset to zero on the new support. Returns ``{module_name: k}`` for the re-selected layers.
     """
-    config = model.peft_config[adapter_name] if hasattr(model, "peft_config") else None
-    if getattr(config, "peft_type", None) == "S2FT":  # structured: whole heads / channels per block
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if isinstance(config, S2FTConfig):  # structured: whole heads / channels per block
         if exclude is not None:
             raise ValueError("select_masks: exclude= applies to sparse_delta adapters, not S2FT.")
-        from .tuners.s2ft.calibration import select_s2ft
-
         return select_s2ft(model, batches, adapter_name, selection=selection, loss_fn=loss_fn)
     selection = selection or getattr(config, "selection", "gradient")
     if selection not in ("gradient", "snip"):
         raise ValueError(f"select_masks: selection must be 'gradient' or 'snip', got {selection!r}.")
-    layers = _sparse_layers(model, adapter_name)
+    layers = sparse_delta_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"select_masks: the model has no sparse_delta adapter named {adapter_name!r}.")
     batches = list(batches) if not isinstance(batches, list | tuple) else batches
     if not batches:
         raise ValueError("select_masks: at least one calibration batch is needed.")
-    loss_fn = loss_fn or _batch_loss
+    loss_fn = loss_fn or batch_loss
     names = list(layers)
     group = layers_per_pass or len(names)
     was_training = model.training
@@ -174,7 +98,7 @@ def select_masks(
     grad_state = {n: p.requires_grad for n, p in model.named_parameters()}
     for layer in layers.values():
         layer.needs_calibration[adapter_name] = False  # scoring passes run the current placeholder support
-        layer.sparse_delta_values[adapter_name].requires_grad_(True)
+        layer.support_values[adapter_name].requires_grad_(True)
     try:
         for start in range(0, len(names), group):
             chunk = names[start : start + group]
@@ -199,7 +123,7 @@ def select_masks(
             p.grad = None
             p.requires_grad_(grad_state.get(n, p.requires_grad))
         model.train(was_training)
-    return {n: layers[n].sparse_delta_values[adapter_name].numel() for n in names}
+    return {n: layers[n].support_values[adapter_name].numel() for n in names}
 
 
 @torch.no_grad()
@@ -209,7 +133,7 @@ def select_from_changes(
     """LT-SFT's mask selection: put each layer of ``adapter_name`` on the entries that a (short) full fine-tuning
     ``finetuned`` of the same base changed most (largest ``|W_ft - W_0|``), keeping the layer's budget; values reset
     to zero (LT-SFT then trains the sparse delta from the base). One layer's difference is dense at a time."""
-    layers = _sparse_layers(model, adapter_name)
+    layers = sparse_delta_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"select_from_changes: the model has no sparse_delta adapter named {adapter_name!r}.")
     tuned = dict(finetuned.named_modules())
@@ -223,4 +147,4 @@ def select_from_changes(
                              f"but {tuple(base.shape)} here.")
         change = (other.weight.detach().float().to(base.device) - layer.dense_weight().float()).abs_()
         _reselect(layer, adapter_name, _excluding(change.reshape(layer.storage_shape), exclude, name))
-    return {n: layer.sparse_delta_values[adapter_name].numel() for n, layer in layers.items()}
+    return {n: layer.support_values[adapter_name].numel() for n, layer in layers.items()}

@@ -40,12 +40,12 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from sparse_peft.embedded import toy
 
 TESTS_DIR = Path(__file__).resolve().parent
 VOCAB, HIDDEN, LAYERS, HEADS, SEQ = 128, 32, 2, 4, 8
@@ -86,7 +86,7 @@ ARCHS: dict[str, Arch] = {
     arch.name: arch
     for arch in (
         Arch(
-            "llama", lambda: LlamaForCausalLM(LlamaConfig(**_decoder_sizes())), "CAUSAL_LM", "lm_head",
+            "llama", lambda: toy.tiny_llama(0, **_decoder_sizes()), "CAUSAL_LM", "lm_head",
             ("q_proj", "v_proj", "o_proj"),
         ),
         Arch(
@@ -399,6 +399,7 @@ class TunerContract:
         other.set_adapter("loaded")
         assert_close(logits(other, batch), out)
 
+    @pytest.mark.slow
     def test_fresh_process_from_pretrained(self, main_case, tmp_path):
         """``import sparse_peft`` + ``PeftModel.from_pretrained`` in a new interpreter, all architectures at once."""
         for name in self.archs:

@@ -8,21 +8,17 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import sparse_peft
 from sparse_peft import S2FTConfig, SoraConfig, SparseDeltaConfig
+from sparse_peft.embedded import toy
 
 WORDS = ["<pad>", "<eos>", "<bos>"] + [f"w{i}" for i in range(61)]
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return toy.tiny_llama(0, vocab_size=len(WORDS), hidden_size=32, pad_token_id=0, eos_token_id=1, bos_token_id=2).eval()
 
 
 def tokenizer() -> PreTrainedTokenizerFast:

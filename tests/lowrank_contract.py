@@ -24,10 +24,10 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
 )
 
+from sparse_peft.embedded import toy
 from sparse_peft.tuners._lowrank import SparseLowRankLayer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,12 +36,7 @@ INPUT_IDS = torch.tensor([[1, 5, 9, 2, 7, 3], [4, 4, 8, 6, 1, 0]])
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return toy.tiny_llama(seed, vocab_size=32, hidden_size=16, intermediate_size=24, max_position_embeddings=32).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

@@ -125,6 +125,7 @@ def retarget(
     cases: Mapping[str, Sequence[Any]],
     not_applicable: Mapping[str, str],
     ids: Callable[[Any], str] | None = None,
+    module: str | None = None,
 ) -> type:
     """Subclass ``upstream_cls`` so that its tests run on our cases instead of upstream's.
 
@@ -139,7 +140,7 @@ def retarget(
     unknown = set(not_applicable) - set(test_names)
     if unknown:
         raise ValueError(f"not_applicable names tests that {upstream_cls.__name__} does not have: {sorted(unknown)}")
-    attrs: dict[str, Any] = {"__module__": sys._getframe(1).f_globals.get("__name__", __name__)}
+    attrs: dict[str, Any] = {"__module__": module or sys._getframe(1).f_globals.get("__name__", __name__)}
     retargeted, hardwired = [], []
     for test in test_names:
         if test in not_applicable:
@@ -167,6 +168,43 @@ def retarget(
         upstream_hardwired=tuple(hardwired),
     )
     return type(name, (upstream_cls,), attrs)
+
+
+def case_id(value: object) -> str:
+    """Readable parameter ids: the case name for rows, the class name for configs."""
+    if isinstance(value, tuple):
+        return value[0].replace(" ", "-")
+    return value.__name__ if isinstance(value, type) else type(value).__name__
+
+
+def retarget_custom_models(
+    prefix: str,
+    config_cls: type,
+    test_cases: Sequence[tuple],
+    multiple_active_cases: Sequence[tuple],
+    config0: Any,
+    not_applicable: Mapping[str, str] | None = None,
+) -> tuple[type, type]:
+    """PEFT's ``TestPeftCustomModel`` and ``TestMultipleActiveAdapters`` (``tests/test_custom_models.py``) on our
+    cases: returns ``Test<prefix>CustomModels`` and ``Test<prefix>MultipleActiveAdapters`` for the caller's module.
+
+    ``test_cases`` rows are upstream's ``(test_name, model_id, config_cls, config_kwargs)``,
+    ``multiple_active_cases`` rows ``(test_name, tuner_method, config_cls, config_kwargs_1, config_kwargs_2)``;
+    ``not_applicable`` maps upstream tests to the reason they are skipped."""
+    upstream = import_tests("test_custom_models")
+    cases = {
+        "test_name,model_id,config_cls,config_kwargs": test_cases,
+        "test_name,tuner_method,config_cls,config_kwargs_1,config_kwargs_2": multiple_active_cases,
+        "config_cls": [config_cls],
+        "config0": [config0],
+    }
+    caller = sys._getframe(1).f_globals.get("__name__", __name__)
+    made = []
+    for upstream_cls, suffix in ((upstream.TestPeftCustomModel, "CustomModels"),
+                                 (upstream.TestMultipleActiveAdapters, "MultipleActiveAdapters")):
+        skips = {test: reason for test, reason in (not_applicable or {}).items() if hasattr(upstream_cls, test)}
+        made.append(retarget(upstream_cls, f"Test{prefix}{suffix}", cases, skips, ids=case_id, module=caller))
+    return made[0], made[1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import composition, quality, report
+
+pytestmark = pytest.mark.slow  # end to end: see README, "Tests"
 
 
 def test_quick_quality_run_covers_every_method(tmp_path, embedded_model_path):

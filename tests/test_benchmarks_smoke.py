@@ -18,6 +18,8 @@ from benchmarks import report
 from benchmarks.__main__ import main
 from benchmarks.train_step import METHODS
 
+pytestmark = pytest.mark.slow  # end to end: see README, "Tests"
+
 # Allocator noise on top of the 10% tolerance. Run to run, the step's extra RSS of one method varies by about
 # +-1 MiB at the quick size (glibc keeps freed small chunks resident, the high-water mark is page-granular); our
 # adapters land within 2 MiB of LoRA's ~40 MiB. A dense copy of the adapted weights is 27 MiB here, so the slack

@@ -48,7 +48,7 @@ def test_mask_from_model_matches_layer_indices():
     layers = sparse_delta_layers(model)
     assert mask.supports.keys() == layers.keys()
     for name, layer in layers.items():
-        assert torch.equal(mask.supports[name], layer.sparse_delta_indices["b"].long())
+        assert torch.equal(mask.supports[name], layer.support_indices["b"].long())
     assert mask.density() == pytest.approx(0.1, abs=0.01)
 
 
@@ -137,19 +137,19 @@ def test_compose_methods_build_ordinary_adapters_that_save_and_reload(tmp_path, 
     model.add_adapter("b", other)
     compose(model, ["default", "b"], new_adapter_name="merged", method=method, density=0.3)
     for layer in sparse_delta_layers(model).values():
-        parts = [(layer.sparse_delta_indices[a], layer.delta_values(a).detach()) for a in ("default", "b")]
+        parts = [(layer.support_indices[a], layer.delta_values(a).detach()) for a in ("default", "b")]
         union, expected = merge_deltas(parts, [1.0, 1.0], method, 0.3, torch.Generator().manual_seed(0))
         dense = torch.zeros(layer.numel).index_put_((union,), expected).reshape(layer.storage_shape)
         if layer.fan_in_fan_out:
             dense = dense.T
         if method == "dare_ties":  # DARE's draws depend on the layer order; its exactness is tested above
-            assert layer.sparse_delta_values["merged"].numel() <= union.numel()
+            assert layer.support_values["merged"].numel() <= union.numel()
             continue
         torch.testing.assert_close(layer.get_delta_weight("merged"), dense)
         if isinstance(config, SparseDeltaConfig):  # trimmed entries leave the support
-            assert layer.sparse_delta_values["merged"].numel() == int((expected != 0).sum())
+            assert layer.support_values["merged"].numel() == int((expected != 0).sum())
         else:  # S2FT keeps the union of the slices, trimmed entries at 0
-            assert layer.sparse_delta_values["merged"].numel() == union.numel()
+            assert layer.support_values["merged"].numel() == union.numel()
     model.set_adapter("merged")
     expected_logits = logits(model)
     model.save_pretrained(tmp_path, selected_adapters=["merged"])
@@ -184,7 +184,7 @@ def test_disjoint_regression_targets_compose():
     for name, adapter in (("a", "default"), ("b", "b")):
         SparseMask({"0": masks[name]}, {"0": (8, 8)}).apply(model, adapter)
         model.set_adapter(adapter)
-        values = model.base_model.model[0].sparse_delta_values[adapter]
+        values = model.base_model.model[0].support_values[adapter]
         optimizer = torch.optim.Adam([values], lr=0.1)
         for _ in range(300):
             loss = (model(x) - targets[name]).pow(2).mean()
@@ -210,8 +210,8 @@ def test_train_new_adapter_restricted_to_mask():
     model(input_ids=INPUT, labels=INPUT).loss.backward()
     optimizer.step()
     for name, layer in sparse_delta_layers(model).items():
-        assert torch.equal(layer.sparse_delta_indices["c"].long(), mask.supports[name])
-        assert layer.sparse_delta_values["c"].numel() == mask.supports[name].numel()
+        assert torch.equal(layer.support_indices["c"].long(), mask.supports[name])
+        assert layer.support_values["c"].numel() == mask.supports[name].numel()
 
 
 def test_adapter_file_loads_on_another_model_of_same_architecture(tmp_path):
@@ -220,8 +220,8 @@ def test_adapter_file_loads_on_another_model_of_same_architecture(tmp_path):
     other = PeftModel.from_pretrained(tiny_llama(seed=7), tmp_path)
     for name, layer in sparse_delta_layers(other).items():
         source = sparse_delta_layers(model)[name]
-        assert torch.equal(layer.sparse_delta_indices["default"], source.sparse_delta_indices["default"])
-        assert torch.equal(layer.sparse_delta_values["default"], source.sparse_delta_values["default"])
+        assert torch.equal(layer.support_indices["default"], source.support_indices["default"])
+        assert torch.equal(layer.support_values["default"], source.support_values["default"])
 
 
 def _finetune(change_density: float):
@@ -289,8 +289,8 @@ def test_lt_sft_masks_come_from_the_largest_changes_of_a_full_finetune():
     model = get_peft_model(tiny_llama(), SparseDeltaConfig(target_modules="all-linear", density=0.1))
     select_from_changes(model, finetuned)
     layer = sparse_delta_layers(model)[layer_name]
-    assert {3, 17, 40} <= set(layer.sparse_delta_indices["default"].tolist())
-    assert torch.count_nonzero(layer.sparse_delta_values["default"]) == 0  # trained from the base
+    assert {3, 17, 40} <= set(layer.support_indices["default"].tolist())
+    assert torch.count_nonzero(layer.support_values["default"]) == 0  # trained from the base
 
 
 def test_l1_pull_soft_thresholds_the_values_after_each_step():
@@ -300,10 +300,10 @@ def test_l1_pull_soft_thresholds_the_values_after_each_step():
     model = get_peft_model(tiny_llama(), SparseDeltaConfig(target_modules="all-linear", density=0.1,
                                                            init_weights=False, l1_lambda=0.5))
     layer = next(iter(sparse_delta_layers(model).values()))
-    before = layer.sparse_delta_values["default"].detach().clone()
+    before = layer.support_values["default"].detach().clone()
     apply_proximal_step(model, lr=0.2)  # threshold 0.1
     expected = torch.sign(before) * (before.abs() - 0.1).clamp(min=0)
-    torch.testing.assert_close(layer.sparse_delta_values["default"].detach(), expected)
+    torch.testing.assert_close(layer.support_values["default"].detach(), expected)
     active, total = next(iter(sparsity_report(model).values()))
     assert 0 < active < total
     plain = get_peft_model(tiny_llama(), SparseDeltaConfig(target_modules="all-linear", init_weights=False))

@@ -11,8 +11,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-import triton_ops
-from sparse_peft import S2FTConfig, SparseDeltaConfig, compose
+from sparse_peft import S2FTConfig, SparseDeltaConfig, compose, triton_ops
 from sparse_peft.embedded.toy import VOCAB, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

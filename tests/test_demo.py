@@ -12,8 +12,8 @@ import pytest
 import torch
 from demo_fixtures import build, free_port, tiny_llama, tokenizer
 from peft import PeftModel, get_peft_model
+from sparse_peft.demo.state import DemoError
 
-from demo.state import DemoError
 from sparse_peft import SparseDeltaConfig
 from sparse_peft.hotswap import BASE, AdapterSwitcher
 
@@ -27,7 +27,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def state(folders):
-    from demo.state import DemoState
+    from sparse_peft.demo.state import DemoState
 
     base, adapters = folders
     return DemoState.load(adapters, str(base))
@@ -113,7 +113,7 @@ def test_loads_every_kind_and_reports_bad_adapters(state):
 
 
 def test_missing_directory_gives_a_clear_error(tmp_path):
-    from demo.state import DemoError, DemoState
+    from sparse_peft.demo.state import DemoError, DemoState
 
     with pytest.raises(DemoError, match="sparse-peft quickstart"):
         DemoState.load(tmp_path / "nope")
@@ -151,7 +151,7 @@ def test_compose_merge_and_plot(state, tmp_path):
 # ------------------------------------------------------------------ the launched app
 @pytest.fixture(scope="module")
 def served(folders):
-    from demo.app import build_app
+    from sparse_peft.demo.app import build_app
 
     base, adapters = folders
     app = build_app(adapters, str(base))
@@ -188,6 +188,7 @@ def test_client_concurrent_requests_get_their_own_adapter(served, state):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (make test-setup installs it)")
 def test_real_browser_selects_an_adapter_and_generates(served, tmp_path):
     from playwright.sync_api import sync_playwright
@@ -220,6 +221,7 @@ def test_real_browser_selects_an_adapter_and_generates(served, tmp_path):
     shutil.copy(shot, ARTIFACTS / "demo.png")
 
 
+@pytest.mark.slow
 def test_cli_demo_refuses_a_missing_directory(tmp_path):
     run = subprocess.run([sys.executable, "-m", "sparse_peft.cli", "demo", "--adapters", str(tmp_path / "x")],
                          capture_output=True, text=True)

@@ -34,18 +34,18 @@ def test_replace_support_keeps_values_and_resets_optimizer_state():
         nn.Sequential(nn.Linear(6, 5)), SparseDeltaConfig(target_modules=["0"], density=0.4)
     )
     layer = sparse_delta_layers(model)["0"]
-    values = layer.sparse_delta_values["default"]
+    values = layer.support_values["default"]
     optimizer = torch.optim.Adam([values], lr=0.1)
     model(torch.randn(3, 6)).sum().backward()
     optimizer.step()
-    old = layer.sparse_delta_indices["default"].long().clone()
+    old = layer.support_indices["default"].long().clone()
     old_values = values.detach().clone()
     old_state = {k: v.clone() for k, v in optimizer.state[values].items()}
     inactive = torch.tensor([i for i in range(30) if i not in set(old.tolist())])
     new = torch.cat([old[2:], inactive[:2]]).sort().values
     assert replace_support(layer, "default", new, optimizer) == 2
-    assert values is layer.sparse_delta_values["default"] and torch.equal(
-        layer.sparse_delta_indices["default"].long(), new
+    assert values is layer.support_values["default"] and torch.equal(
+        layer.support_indices["default"].long(), new
     )
     kept = torch.isin(new, old)
     position = torch.searchsorted(old, new[kept])
@@ -81,8 +81,8 @@ def test_reselection_invariants(regrow):
     model, history, _ = _train(config, steps=10)
     assert [h.step for h in history] == [5, 10]
     for name, layer in sparse_delta_layers(model).items():
-        idx = layer.sparse_delta_indices["default"].long()
-        assert idx.numel() == layer.sparse_delta_values["default"].numel()
+        idx = layer.support_indices["default"].long()
+        assert idx.numel() == layer.support_values["default"].numel()
         assert bool((idx[1:] > idx[:-1]).all()) and 0 <= int(idx.min()) and int(idx.max()) < layer.numel
         assert history[0].replaced[name] == round(0.5 * idx.numel())
     # the base weights are untouched once the adapter is left
@@ -103,6 +103,7 @@ def test_dynamic_mask_beats_static_at_equal_budget():
     assert history and dynamic_acc > static_acc + 0.02
 
 
+@pytest.mark.slow
 def test_ddp_ranks_hold_identical_masks(tmp_path):
     """Two gloo CPU processes under ``accelerate launch``, different data per rank."""
     import json

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 from peft import get_peft_model
+from sparse_peft.trainers import SparseUpdateCallback
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sparse_peft import SparseDeltaConfig
 from sparse_peft.embedded.toy import chain_batch, successor_table, tiny_llama
 from sparse_peft.masks import sparse_delta_layers
-from trainers import SparseUpdateCallback
 
 
 def dataset(n: int = 96) -> list[dict[str, torch.Tensor]]:
@@ -46,8 +46,8 @@ def make_trainer(output_dir, callbacks=(), **overrides) -> Trainer:
 def adapter_state(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {
         name: (
-            layer.sparse_delta_indices["default"].clone(),
-            layer.sparse_delta_values["default"].detach().clone(),
+            layer.support_indices["default"].clone(),
+            layer.support_values["default"].detach().clone(),
         )
         for name, layer in sparse_delta_layers(model).items()
     }
@@ -130,8 +130,8 @@ def test_trl_ref_adapter_copy_shares_the_moved_support(tmp_path):
     dpo = trl.DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
     SparseUpdateCallback.attach(dpo)
     for name, layer in sparse_delta_layers(dpo.model).items():
-        assert torch.equal(layer.sparse_delta_indices["ref"], moved[name][0]), name
-        assert torch.equal(layer.sparse_delta_values["ref"].detach(), moved[name][1]), name
+        assert torch.equal(layer.support_indices["ref"], moved[name][0]), name
+        assert torch.equal(layer.support_values["ref"].detach(), moved[name][1]), name
     dpo.train()
     for name, layer in sparse_delta_layers(dpo.model).items():  # the frozen reference never moves
-        assert torch.equal(layer.sparse_delta_indices["ref"], moved[name][0]), name
+        assert torch.equal(layer.support_indices["ref"], moved[name][0]), name

@@ -41,6 +41,7 @@ def _sparse_model(kind: str, config_cls, **kwargs):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_export_round_trips_through_vanilla_peft_in_a_fresh_process(tmp_path):
     cases, expected = [], []
     for kind, config_cls in (("llama", SoraConfig), ("gpt2", SoraConfig), ("bert", GroupSparseLoraConfig)):

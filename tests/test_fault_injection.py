@@ -15,10 +15,11 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import sparse_peft  # noqa: F401
 from sparse_peft import S2FTConfig, SparseDeltaConfig
+from sparse_peft.embedded import toy
 from sparse_peft.embedded.toy import VOCAB, tiny_llama
 from sparse_peft.indices import CorruptAdapterFileError, InvalidSparseIndicesError
 
@@ -53,11 +54,7 @@ def assert_untouched(before: dict[str, torch.Tensor], base: torch.nn.Module) -> 
 
 
 def llama(hidden: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    ))
+    return toy.tiny_llama(0, vocab_size=VOCAB, hidden_size=hidden)
 
 
 # ------------------------------------------------------------------ threads
@@ -318,6 +315,7 @@ def test_an_s2ft_config_that_selects_nothing_is_refused():
         ('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": null}\n', "'completion' is empty"),
     ],
 )
+@pytest.mark.slow
 def test_cli_train_bad_data_files_give_one_line_and_exit_2(tmp_path, content, message):
     import subprocess
     import sys

@@ -10,13 +10,11 @@ import torch
 from contract import TunerCase, TunerContract, tuner_config
 from lowrank_contract import INPUT_IDS, check_bnb, layers, tiny_llama
 from peft import get_peft_model
-from peft_upstream import import_tests, retarget
+from peft_upstream import retarget_custom_models
 
 import sparse_peft  # noqa: F401  (registers GROUP_SPARSE_LORA)
 from sparse_peft import GroupSparseLoraConfig
 from sparse_peft.proximal import apply_proximal_step, param_groups, sparsity_report
-
-upstream = import_tests("test_custom_models")
 
 TEST_CASES = [
     ("GS-LoRA MLP rank", "MLP", GroupSparseLoraConfig, {"target_modules": ["lin0"], "r": 4}),
@@ -31,26 +29,8 @@ MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [
     ("GS-LoRA different", "group_sparse_lora", GroupSparseLoraConfig,
      {"target_modules": ["lin0"], "init_weights": False}, {"target_modules": ["lin1"], "init_weights": False, "r": 2}),
 ]
-NOT_APPLICABLE: dict[str, str] = {}
-CASES = {
-    "test_name,model_id,config_cls,config_kwargs": TEST_CASES,
-    "test_name,tuner_method,config_cls,config_kwargs_1,config_kwargs_2": MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES,
-    "config_cls": [GroupSparseLoraConfig],
-    "config0": [GroupSparseLoraConfig(target_modules=["lin0"], init_weights=False)],
-}
-
-
-def _case_id(value: object) -> str:
-    if isinstance(value, tuple):
-        return value[0].replace(" ", "-")
-    return value.__name__ if isinstance(value, type) else type(value).__name__
-
-
-TestGroupSparseLoraCustomModels = retarget(
-    upstream.TestPeftCustomModel, "TestGroupSparseLoraCustomModels", CASES, NOT_APPLICABLE, _case_id
-)
-TestGroupSparseLoraMultipleActiveAdapters = retarget(
-    upstream.TestMultipleActiveAdapters, "TestGroupSparseLoraMultipleActiveAdapters", CASES, NOT_APPLICABLE, _case_id
+TestGroupSparseLoraCustomModels, TestGroupSparseLoraMultipleActiveAdapters = retarget_custom_models(
+    "GroupSparseLora", GroupSparseLoraConfig, TEST_CASES, MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES, GroupSparseLoraConfig(target_modules=["lin0"], init_weights=False)
 )
 
 

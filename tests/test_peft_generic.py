@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 from peft import get_peft_model
-from peft_upstream import import_tests, retarget
+from peft_upstream import import_tests, retarget_custom_models
 
 import sparse_peft  # noqa: F401  (registers SPARSE_DELTA)
 from sparse_peft import S2FTConfig, SparseDeltaConfig
@@ -67,29 +67,9 @@ UNSUPPORTED_MODELS: dict[str, tuple[str, str]] = {
     "EmbConv1D": ("emb", "embeddings are not adapted (use modules_to_save)"),
 }
 
-CASES = {
-    "test_name,model_id,config_cls,config_kwargs": TEST_CASES,
-    "test_name,tuner_method,config_cls,config_kwargs_1,config_kwargs_2": MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES,
-    "config_cls": [SparseDeltaConfig],
-    "config0": [SparseDeltaConfig(target_modules=["lin0"], init_weights=False, density=0.3)],
-}
-
-
-def _case_id(value: object) -> str:
-    """Readable ids: the case name for rows, the class name for configs."""
-    if isinstance(value, tuple):
-        return value[0].replace(" ", "-")
-    return value.__name__ if isinstance(value, type) else type(value).__name__
-
-
-def _retarget(upstream_cls: type, name: str) -> type:
-    skips = {test: reason for test, reason in NOT_APPLICABLE.items() if hasattr(upstream_cls, test)}
-    return retarget(upstream_cls, name, CASES, skips, ids=_case_id)
-
-
-TestSparseDeltaCustomModels = _retarget(upstream.TestPeftCustomModel, "TestSparseDeltaCustomModels")
-TestSparseDeltaMultipleActiveAdapters = _retarget(
-    upstream.TestMultipleActiveAdapters, "TestSparseDeltaMultipleActiveAdapters"
+TestSparseDeltaCustomModels, TestSparseDeltaMultipleActiveAdapters = retarget_custom_models(
+    "SparseDelta", SparseDeltaConfig, TEST_CASES, MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES,
+    SparseDeltaConfig(target_modules=["lin0"], init_weights=False, density=0.3), NOT_APPLICABLE,
 )
 RETARGETED = (TestSparseDeltaCustomModels, TestSparseDeltaMultipleActiveAdapters)
 

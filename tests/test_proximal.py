@@ -9,6 +9,8 @@ import pytest
 import torch
 from lowrank_contract import layers, tiny_llama
 from peft import get_peft_model
+from sparse_peft.trainers import SparseHook, SparseUpdateCallback
+from sparse_peft.trainers.callbacks import _learning_rates
 from torch import nn
 
 import sparse_peft  # noqa: F401
@@ -21,8 +23,6 @@ from sparse_peft.proximal import (
     param_groups,
     soft_threshold_,
 )
-from trainers import SparseHook, SparseUpdateCallback
-from trainers.callbacks import _learning_rates
 
 
 # ------------------------------------------------------------------------------------------ soft-threshold
@@ -141,6 +141,6 @@ def test_callback_dispatches_to_hooks_and_extends_logs():
 
 
 def test_default_callback_runs_the_proximal_hook():
-    from trainers import ProximalHook
+    from sparse_peft.trainers import ProximalHook
 
     assert any(isinstance(h, ProximalHook) for h in SparseUpdateCallback().hooks)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import trl
 from peft import PeftModel
+from sparse_peft.trainers import attach
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from sparse_peft.embedded.toy import tiny_llama
@@ -54,6 +55,7 @@ def test_sft_on_quantized_base_then_merge(tmp_path, tiny_path, method, bits):
         processing_class=word_tokenizer(),
         peft_config=adapter_configs()[method],
     )
+    attach(trainer)
     before = snapshot(trainer.model)
     trainer.train()
     assert_only_adapter_changed(before, snapshot(trainer.model), "default")  # quantized weights untouched
@@ -81,6 +83,7 @@ def test_dpo_on_4bit_base_reference_is_the_quantized_base(tmp_path, tiny_path):
         processing_class=word_tokenizer(),
         peft_config=adapter_configs()["sparse_delta_dynamic"],
     )
+    attach(trainer)
     before = snapshot(trainer.model)
     trainer.train()
     assert_only_adapter_changed(before, snapshot(trainer.model), "default")

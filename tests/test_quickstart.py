@@ -20,6 +20,8 @@ from sparse_peft.quickstart import COMPOSED, greedy_answers, run_quickstart
 from sparse_peft.tuners.sparse_delta import SparseDeltaLayer
 from tests.cores import all_cores
 
+pytestmark = pytest.mark.slow  # end to end: see README, "Tests"
+
 CHEAP = {"steps": 30, "batch_size": 8, "test_examples": 50}
 GAINS = {"reverse": 0.5, "date": 0.5, "sort": 0.3}
 """Minimum held-out exact-match gain of each skill's adapter over the base in the CHEAP configuration (seed 0).
@@ -109,7 +111,7 @@ def test_exact_match_equals_generating_and_comparing(quickstart):
 
 
 def test_the_demo_serves_the_quickstart_output(quickstart):
-    from demo.state import DemoState
+    from sparse_peft.demo.state import DemoState
 
     output, _ = quickstart
     state = DemoState.load(output)

@@ -20,8 +20,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-import triton_ops
-from sparse_peft import S2FTConfig, SparseMask, compose, select_masks
+from sparse_peft import S2FTConfig, SparseMask, compose, select_masks, triton_ops
 from sparse_peft.indices import InvalidSparseIndicesError
 from sparse_peft.tuners.s2ft import S2FTLinear, UnknownArchitectureError, resolve_architecture
 from sparse_peft.tuners.sparse_delta.layer import CalibrationRequiredError, SparseDeltaLayer
@@ -71,7 +70,7 @@ def test_slice_gradients_match_masked_dense_gradient(arch, fused):
     batch = ARCHS[arch].batch()
     model(**batch).loss.backward()
     layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, S2FTLinear)}
-    grads = {n: m.sparse_delta_values["default"].grad.clone() for n, m in layers.items()}
+    grads = {n: m.support_values["default"].grad.clone() for n, m in layers.items()}
 
     reference = _tiny(arch)  # the same weights with the deltas merged in, trained densely
     merged = model.merge_and_unload()
@@ -81,7 +80,7 @@ def test_slice_gradients_match_masked_dense_gradient(arch, fused):
     checked = 0
     for name, layer in layers.items():
         dense = modules[name].weight.grad.reshape(-1)
-        expected = dense[layer.sparse_delta_indices["default"].long()]
+        expected = dense[layer.support_indices["default"].long()]
         if expected.numel():
             torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-6)
             checked += 1
@@ -270,8 +269,8 @@ def test_file_holds_values_and_channel_ids_only(tmp_path):
     [
         (lambda c: c.clone().fill_(10_000), "out of range"),
         (lambda c: c.flip(0), "not sorted"),
-        (lambda c: torch.cat([c[:1], c[:-1]]), "duplicated"),
-        (lambda c: c.float(), "int32/int64"),
+        (lambda c: torch.cat([c[:1], c[:-1]]), "channel ids contain duplicates"),
+        (lambda c: c.float(), "channel ids must be int32 or int64"),
         (lambda c: c[:-1], "values"),
     ],
 )
@@ -322,5 +321,5 @@ def test_bf16_autocast_forward_backward(fused):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**ARCHS["llama"].batch()).loss
     loss.backward()
-    grads = [m.sparse_delta_values["default"].grad for m in model.modules() if isinstance(m, S2FTLinear)]
+    grads = [m.support_values["default"].grad for m in model.modules() if isinstance(m, S2FTLinear)]
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -10,15 +10,13 @@ import torch
 from contract import TunerCase, TunerContract, tuner_config
 from lowrank_contract import check_bnb, layers, tiny_llama
 from peft import get_peft_model
-from peft_upstream import import_tests, retarget
+from peft_upstream import retarget_custom_models
+from sparse_peft.trainers import SparseUpdateCallback
 from transformers import Trainer, TrainingArguments
 
 import sparse_peft  # noqa: F401  (registers SORA)
 from sparse_peft import SoraConfig
 from sparse_peft.proximal import apply_proximal_step, sparsity_report
-from trainers import SparseUpdateCallback
-
-upstream = import_tests("test_custom_models")
 
 TEST_CASES = [
     ("SoRA MLP lin0", "MLP", SoraConfig, {"target_modules": ["lin0"], "r": 4}),
@@ -32,24 +30,8 @@ MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [
     ("SoRA different", "sora", SoraConfig,
      {"target_modules": ["lin0"], "init_weights": False}, {"target_modules": ["lin1"], "init_weights": False, "r": 2}),
 ]
-NOT_APPLICABLE: dict[str, str] = {}
-CASES = {
-    "test_name,model_id,config_cls,config_kwargs": TEST_CASES,
-    "test_name,tuner_method,config_cls,config_kwargs_1,config_kwargs_2": MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES,
-    "config_cls": [SoraConfig],
-    "config0": [SoraConfig(target_modules=["lin0"], init_weights=False)],
-}
-
-
-def _case_id(value: object) -> str:
-    if isinstance(value, tuple):
-        return value[0].replace(" ", "-")
-    return value.__name__ if isinstance(value, type) else type(value).__name__
-
-
-TestSoraCustomModels = retarget(upstream.TestPeftCustomModel, "TestSoraCustomModels", CASES, NOT_APPLICABLE, _case_id)
-TestSoraMultipleActiveAdapters = retarget(
-    upstream.TestMultipleActiveAdapters, "TestSoraMultipleActiveAdapters", CASES, NOT_APPLICABLE, _case_id
+TestSoraCustomModels, TestSoraMultipleActiveAdapters = retarget_custom_models(
+    "Sora", SoraConfig, TEST_CASES, MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES, SoraConfig(target_modules=["lin0"], init_weights=False)
 )
 
 
@@ -154,29 +136,26 @@ def test_trainer_drives_gates_logs_sparsity_and_resumes(tmp_path):
 
 
 def test_plain_callback_warns_about_weight_decay_on_gates(tmp_path):
-    """Without `import trainers` (which keeps gates out of weight decay), a plain callback warns about it."""
-    import trainers
+    """Without `attach`/`install` (which keep gates out of weight decay), a plain callback warns about it."""
+    trainer = _trainer(tmp_path, callbacks=[SparseUpdateCallback()], max_steps=1, save_strategy="no")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert any("weight decay" in str(w.message) for w in caught)
+    assert "sparsity/active" in trainer.state.log_history[0]
 
-    trainers.uninstall()
+
+def test_installed_integration_keeps_gates_out_of_weight_decay(tmp_path):
+    from sparse_peft import trainers
+
+    trainers.install()
     try:
         trainer = _trainer(tmp_path, callbacks=[SparseUpdateCallback()], max_steps=1, save_strategy="no")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.train()
     finally:
-        trainers.install()
-    assert any("weight decay" in str(w.message) for w in caught)
-    assert "sparsity/active" in trainer.state.log_history[0]
-
-
-def test_installed_integration_keeps_gates_out_of_weight_decay(tmp_path):
-    import trainers
-
-    assert trainers.installed()
-    trainer = _trainer(tmp_path, callbacks=[SparseUpdateCallback()], max_steps=1, save_strategy="no")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.train()
+        trainers.uninstall()
     assert not any("weight decay" in str(w.message) for w in caught)
     gates = {id(p) for n, p in trainer.model.named_parameters() if "sora_gate" in n}
     decayed = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}

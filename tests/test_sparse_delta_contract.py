@@ -25,8 +25,8 @@ def calibrate(model: PeftModel, adapter_name: str, batches: list[Batch]) -> None
     gen = torch.Generator().manual_seed(len(adapter_name))
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_delta_values:
-                values = module.sparse_delta_values[adapter_name]
+            if isinstance(module, SparseDeltaLayer) and adapter_name in module.support_values:
+                values = module.support_values[adapter_name]
                 values.copy_(torch.randn(values.shape, generator=gen) * 0.1)
 
 

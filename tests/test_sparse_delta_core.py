@@ -82,6 +82,7 @@ def test_unsupported_peft_version_gives_clear_error(monkeypatch):
         check_peft_version()
 
 
+@pytest.mark.slow
 def test_config_roundtrip_in_fresh_process(tmp_path):
     config = SparseDeltaConfig(target_modules=["q_proj", "v_proj"], r=2, selection="magnitude", seed=3)
     config.save_pretrained(tmp_path)
@@ -127,10 +128,10 @@ def test_budget_counts_and_int32_indices():
     model = get_peft_model(tiny_llama(), SparseDeltaConfig(target_modules=["q_proj", "down_proj"], r=1))
     for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, SparseDeltaLayer)):
         expected = layer.in_features + layer.out_features
-        assert layer.sparse_delta_values["default"].numel() == expected, name
-        assert layer.sparse_delta_indices["default"].dtype == torch.int32
+        assert layer.support_values["default"].numel() == expected, name
+        assert layer.support_indices["default"].dtype == torch.int32
     trainable, _ = model.get_nb_trainable_parameters()
-    assert trainable == sum(layer.sparse_delta_values["default"].numel() for layer in sparse_layers(model))
+    assert trainable == sum(layer.support_values["default"].numel() for layer in sparse_layers(model))
     assert index_dtype(2**31) == torch.int32 and index_dtype(2**31 + 1) == torch.int64
 
 
@@ -308,8 +309,8 @@ def test_values_gradient_matches_masked_dense_gradient():
         dense.weight.copy_(layer.get_base_layer().weight + layer.get_delta_weight("default"))
         dense.bias.copy_(layer.get_base_layer().bias)
     dense(x).pow(2).sum().backward()
-    idx = layer.sparse_delta_indices["default"].long()
-    torch.testing.assert_close(layer.sparse_delta_values["default"].grad, dense.weight.grad.flatten()[idx])
+    idx = layer.support_indices["default"].long()
+    torch.testing.assert_close(layer.support_values["default"].grad, dense.weight.grad.flatten()[idx])
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -356,7 +357,7 @@ def test_random_selection_is_seeded():
         model = get_peft_model(
             tiny_llama(), SparseDeltaConfig(target_modules=["q_proj"], density=0.1, seed=seed)
         )
-        return sparse_layers(model)[0].sparse_delta_indices["default"]
+        return sparse_layers(model)[0].support_indices["default"]
 
     assert torch.equal(indices(0), indices(0))
     assert not torch.equal(indices(0), indices(1))
@@ -368,7 +369,7 @@ def test_magnitude_selection_picks_largest_weights():
     )
     layer = sparse_layers(model)[0]
     weight = layer.get_base_layer().weight.abs().flatten()
-    chosen = layer.sparse_delta_indices["default"].long()
+    chosen = layer.support_indices["default"].long()
     assert weight[chosen].min() >= weight[~torch.isin(torch.arange(weight.numel()), chosen)].max()
 
 
@@ -394,10 +395,10 @@ def test_gradient_selection_matches_dense_reference(selection):
         model(**batches[0])
     select_masks(model, batches, layers_per_pass=1)
     layer = model.base_model.model.model.layers[1].self_attn.q_proj
-    chosen = layer.sparse_delta_indices["default"].long()
+    chosen = layer.support_indices["default"].long()
     expected = torch.topk(score.flatten(), chosen.numel()).indices.sort().values
     assert torch.equal(chosen, expected)
-    assert torch.count_nonzero(layer.sparse_delta_values["default"]) == 0
+    assert torch.count_nonzero(layer.support_values["default"]) == 0
     model(**batches[0]).loss.backward()  # calibrated: training is allowed now
 
 
@@ -427,7 +428,7 @@ def test_quantized_base_train_disable_merge_unmerge(saved_llama, bits):
     loss = model(input_ids=INPUT, labels=INPUT).loss
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(layer.sparse_delta_values["default"].grad is not None for layer in sparse_layers(model))
+    assert all(layer.support_values["default"].grad is not None for layer in sparse_layers(model))
     model.eval()
     adapted = logits(model)
     assert not torch.equal(adapted, base_logits)
@@ -443,6 +444,7 @@ def test_quantized_base_train_disable_merge_unmerge(saved_llama, bits):
 
 
 # ------------------------------------------------------------------ command line
+@pytest.mark.slow
 def test_cli_help_and_bad_arguments():
     run = [sys.executable, "-m", "sparse_peft.cli"]
     help_text = subprocess.run(
@@ -474,4 +476,4 @@ def test_cpu_autocast_bf16_forward_backward(fused):
         y = model(x)
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
-    assert torch.isfinite(sparse_layers(model)[0].sparse_delta_values["default"].grad).all()
+    assert torch.isfinite(sparse_layers(model)[0].support_values["default"].grad).all()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import trl
+from sparse_peft.trainers import SparsePOConfig, SparsePOTrainer, activation_mask
 
 from sparse_peft.embedded.toy import tiny_llama
 from tests.trl_helpers import (
@@ -17,7 +18,6 @@ from tests.trl_helpers import (
     snapshot,
     word_tokenizer,
 )
-from trainers import SparsePOConfig, SparsePOTrainer, activation_mask
 
 COMMON = {**TRAIN_ARGS, "max_length": 16}
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from triton_ops import autograd, torch_ops
+from sparse_peft.triton_ops import autograd, torch_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,6 +140,7 @@ def _run(args: list[str], env: dict[str, str], timeout: int) -> subprocess.Compl
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_import_without_triton(tmp_path: Path) -> None:
     """A broken or missing ``triton`` must leave the package importable and every op on the torch path."""
     fake = tmp_path / "triton"
@@ -149,8 +149,8 @@ def test_import_without_triton(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
         import torch
-        import triton_ops
-        from triton_ops import torch_ops
+        from sparse_peft import triton_ops
+        from sparse_peft.triton_ops import torch_ops
 
         assert not triton_ops.triton_available()
         assert not triton_ops.use_triton(torch.zeros(1))  # even with TRITON_INTERPRET=1
@@ -184,6 +184,7 @@ def _run_triton_cases(interpret: bool) -> None:
 NO_TRITON = importlib.util.find_spec("triton") is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NO_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(
     torch.cuda.is_available(),

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.trl_helpers import SPARSE_METHODS
+
+pytestmark = pytest.mark.slow  # end to end: see README, "Tests"
 
 
 def test_two_process_training_keeps_ranks_identical(tmp_path):

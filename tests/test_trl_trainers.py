@@ -1,17 +1,21 @@
 """TRL's SFTTrainer and DPOTrainer with every sparse_peft adapter type: peft_config=..., pre-wrapped PeftModels
-(TRL's ``ref`` adapter copy), every dataset format, the callback attached automatically, and the reference
-(adapter disabled) exactly the base model."""
+(TRL's ``ref`` adapter copy), every dataset format, the callback attached automatically after the opt-in
+``sparse_peft.trainers.install()`` (and nothing patched without it), and the reference (adapter disabled) exactly the
+base model."""
 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 import trl
 from peft import PeftModel, get_peft_model
+from sparse_peft.trainers import SparseUpdateCallback
 
-import trainers
+from sparse_peft import trainers
 from sparse_peft.embedded.toy import tiny_llama
 from tests.trl_helpers import (
     SPARSE_METHODS,
@@ -23,7 +27,6 @@ from tests.trl_helpers import (
     snapshot,
     word_tokenizer,
 )
-from trainers import SparseUpdateCallback
 
 COMMON = {**TRAIN_ARGS}
 FORMATS = {  # every TRL SFT format, each with more than one adapter type
@@ -33,6 +36,47 @@ FORMATS = {  # every TRL SFT format, each with more than one adapter type
     "group_sparse_lora": "messages",
     "s2ft": "text",
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def installed():
+    """This module tests the automatic attachment: the documented opt-in, undone afterwards."""
+    trainers.install()
+    yield
+    trainers.uninstall()
+
+
+def test_importing_the_integration_patches_nothing_and_uninstall_restores_transformers():
+    script = (
+        "import transformers.trainer as t\n"
+        "from transformers import Trainer\n"
+        "before = (list(t.DEFAULT_CALLBACKS), Trainer.get_decay_parameter_names)\n"
+        "import sparse_peft, sparse_peft.trainers as st\n"
+        "assert (list(t.DEFAULT_CALLBACKS), Trainer.get_decay_parameter_names) == before, 'import patched'\n"
+        "assert not st.installed()\n"
+        "st.install(); st.install()\n"
+        "assert st.installed() and t.DEFAULT_CALLBACKS.count(st.integration.AutoSparseUpdateCallback) == 1\n"
+        "st.uninstall()\n"
+        "assert (list(t.DEFAULT_CALLBACKS), Trainer.get_decay_parameter_names) == before, 'uninstall left a patch'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_without_the_opt_in_a_trainer_gets_the_callback_only_from_attach(tmp_path):
+    trainers.uninstall()
+    try:
+        trainer = trl.SFTTrainer(
+            model=tiny_llama(0),
+            args=trl.SFTConfig(output_dir=str(tmp_path), max_length=16, **{**COMMON, "max_steps": 1}),
+            train_dataset=sft_dataset("text"),
+            processing_class=word_tokenizer(),
+            peft_config=adapter_configs()["sora"],
+        )
+        assert callbacks(trainer) == []
+        assert trainers.attach(trainer) is callbacks(trainer)[0]
+    finally:
+        trainers.install()
 
 
 def callbacks(trainer) -> list[SparseUpdateCallback]:
@@ -58,7 +102,7 @@ def test_sft_trainer_with_peft_config(tmp_path, method):
         processing_class=word_tokenizer(),
         peft_config=adapter_configs()[method],
     )
-    assert len(callbacks(trainer)) == 1  # attached automatically by `import trainers`
+    assert len(callbacks(trainer)) == 1  # attached automatically after `trainers.install()`
     assert trainers.attach(trainer) is callbacks(trainer)[0]  # the explicit call never adds a second one
     assert len(callbacks(trainer)) == 1
     before = snapshot(trainer.model)

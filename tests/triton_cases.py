@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from triton_ops import autograd, dispatch, ops, torch_ops, triton_kernels
+from sparse_peft.triton_ops import autograd, dispatch, ops, torch_ops, triton_kernels
 
 DEVICE = torch.device("cpu" if dispatch.INTERPRET or not torch.cuda.is_available() else "cuda")
 if not dispatch.use_triton(torch.zeros(1, device=DEVICE)):

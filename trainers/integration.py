@@ -1,11 +1,12 @@
-"""Attach :class:`~trainers.callbacks.SparseUpdateCallback` to every ``transformers.Trainer`` (and so every TRL trainer).
+"""Give Trainers :class:`~sparse_peft.trainers.callbacks.SparseUpdateCallback`: one (:func:`attach`) or all (:func:`install`).
 
-``import trainers`` calls :func:`install` once. From then on each Trainer built in the process — SFTTrainer and
-DPOTrainer with ``peft_config=SoraConfig(...)``, a pre-wrapped PeftModel, a plain model — gets the callback from
-transformers' own list of default callbacks (so it runs before the reporting callbacks and its sparsity logs reach
-every logger), and SoRA gates are kept out of weight decay when the optimizer is built. For models without
-sparse_peft adapters the hooks find nothing to do. :func:`attach` is the explicit, per-trainer alternative (after
-:func:`uninstall`, or for custom hooks); it never adds a second callback.
+Nothing happens at import: changing how every Trainer in a process behaves is the user's decision, not a side effect
+of an import. :func:`attach` is the explicit per-trainer form (it never adds a second callback, and keeps SoRA gates
+out of that trainer's weight decay). :func:`install` is the one documented, reversible opt-in for code that builds
+trainers it does not control (TRL's ``SFTTrainer(peft_config=SoraConfig(...))`` inside a script): every Trainer built
+afterwards gets the callback from transformers' own list of default callbacks (so it runs before the reporting
+callbacks and its sparsity logs reach every logger) and gates stay out of weight decay; :func:`uninstall` restores
+transformers exactly. For models without sparse_peft adapters the hooks find nothing to do.
 """
 
 from __future__ import annotations

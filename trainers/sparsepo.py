@@ -34,6 +34,8 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from .callbacks import SparseUpdateCallback
+
 __all__ = ["MaskNetwork", "SparsePOConfig", "SparsePOTrainer", "activation_mask"]
 
 MASK_TYPES = ("activation", "learned", "ones")
@@ -161,6 +163,7 @@ class SparsePOTrainer(DPOTrainer):
             for name in names:
                 self.mask_networks[name] = MaskNetwork(text.hidden_size, text.num_hidden_layers)
             self.mask_networks.to(self.accelerator.device)
+        SparseUpdateCallback.attach(self)  # its own trainer: the adapter's sparse updates need no opt-in
 
     # ------------------------------------------------------------------------------------------ optimisation
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:

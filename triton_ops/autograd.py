@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from .ops import gather, scatter_, sddmm, spmm
+from .dispatch import backend
 from .structured import input_side, slice_values_grad
+from .torch_ops import compute_dtype
 
 
 def _values_grad(
-    dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int], fan_in_fan_out: bool
+    ops: ModuleType,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    shape: tuple[int, int],
+    fan_in_fan_out: bool,
 ) -> torch.Tensor:
     # Linear: dS[r, c] = sum_t dy[t, r] x[t, c];  Conv1D: dS[r, c] = sum_t x[t, r] dy[t, c]
-    return sddmm(x, dy, indices, shape) if fan_in_fan_out else sddmm(dy, x, indices, shape)
+    return ops.sddmm(x, dy, indices, shape) if fan_in_fan_out else ops.sddmm(dy, x, indices, shape)
 
 
 class SparseDeltaLinearFn(torch.autograd.Function):
@@ -32,16 +39,17 @@ class SparseDeltaLinearFn(torch.autograd.Function):
     def forward(ctx, x, values, indices, shape, fan_in_fan_out):  # type: ignore[override]
         ctx.save_for_backward(x, values, indices)
         ctx.shape, ctx.fan_in_fan_out = shape, fan_in_fan_out
-        return spmm(x, values, indices, shape, transpose=not fan_in_fan_out)
+        ctx.ops = backend(x)  # Triton or torch: decided once for the forward and its backward
+        return ctx.ops.spmm(x, values, indices, shape, transpose=not fan_in_fan_out)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         x, values, indices = ctx.saved_tensors
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = spmm(dy, values, indices, ctx.shape, transpose=ctx.fan_in_fan_out)
+            grad_x = ctx.ops.spmm(dy, values, indices, ctx.shape, transpose=ctx.fan_in_fan_out)
         if ctx.needs_input_grad[1]:
-            grad_values = _values_grad(dy, x, indices, ctx.shape, ctx.fan_in_fan_out).to(values.dtype)
+            grad_values = _values_grad(ctx.ops, dy, x, indices, ctx.shape, ctx.fan_in_fan_out).to(values.dtype)
         return grad_x, grad_values, None, None, None
 
 
@@ -70,7 +78,8 @@ class FusedSparseLinearFn(torch.autograd.Function):
         ctx.input_sliced = slice_input
         ctx.save_for_backward(x_saved, weight, values, indices, channels)
         ctx.scale, ctx.fan_in_fan_out, ctx.has_bias = scale, fan_in_fan_out, bias is not None
-        with _delta_in(weight, values, indices, scale) as fused:
+        ctx.ops = backend(weight)  # Triton or torch: decided once for the forward and its backward
+        with _delta_in(ctx.ops, weight, values, indices, scale) as fused:
             out = _dense_linear(x, fused, bias, fan_in_fan_out)
         ctx.compute_dtype = out.dtype  # differs from weight.dtype under autocast
         return out
@@ -80,7 +89,7 @@ class FusedSparseLinearFn(torch.autograd.Function):
         x, weight, values, indices, channels = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
-            with _delta_in(weight, values, indices, ctx.scale) as fused:
+            with _delta_in(ctx.ops, weight, values, indices, ctx.scale) as fused:
                 w = fused.to(ctx.compute_dtype)  # a transient cast, as autocast did in the forward
                 grad_x = (dy.to(ctx.compute_dtype) @ (w.t() if ctx.fan_in_fan_out else w)).to(x.dtype)
         if ctx.needs_input_grad[1]:  # only when someone also trains the base weight densely
@@ -94,7 +103,7 @@ class FusedSparseLinearFn(torch.autograd.Function):
                 xs = x[..., channels] if needs_slice else x
                 grad_values = slice_values_grad(dy, xs, ctx.axis, channels, ctx.fan_in_fan_out)
             else:
-                grad_values = _values_grad(dy, x, indices, tuple(weight.shape), ctx.fan_in_fan_out)
+                grad_values = _values_grad(ctx.ops, dy, x, indices, tuple(weight.shape), ctx.fan_in_fan_out)
             grad_values = (grad_values * ctx.scale).to(values.dtype)
         return grad_x, grad_weight, grad_bias, grad_values, None, None, None, None, None
 
@@ -120,25 +129,27 @@ def _weight_lock(weight: torch.Tensor) -> threading.Lock:
     return _WEIGHT_LOCKS[hash(weight.untyped_storage().data_ptr()) % len(_WEIGHT_LOCKS)]
 
 
-def _with_delta(data: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
+def _with_delta(
+    ops: ModuleType, data: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Write ``W0 + scale * v`` at the indices of ``data`` (in place); return the k originals it replaced."""
-    originals = gather(data, indices)  # a copy
-    compute = torch.promote_types(data.dtype, torch.float32)  # fp32 sums for half weights, fp64 stays fp64
-    scatter_(data, indices, originals.to(compute) + values.detach().to(compute) * scale)
+    originals = ops.gather(data, indices)  # a copy
+    compute = compute_dtype(data.dtype)
+    ops.scatter_(data, indices, originals.to(compute) + values.detach().to(compute) * scale)
     return originals
 
 
 @contextmanager
-def _delta_in(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float):
+def _delta_in(ops: ModuleType, weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, scale: float):
     """Temporarily hold ``W0 + scale * v`` at the indices of ``weight`` (under the weight's lock); restore the
     originals bit-exactly."""
     data = weight.data
     with _weight_lock(weight):
-        originals = _with_delta(data, values, indices, scale)
+        originals = _with_delta(ops, data, values, indices, scale)
         try:
             yield data
         finally:
-            scatter_(data, indices, originals)
+            ops.scatter_(data, indices, originals)
 
 
 def sparse_delta_linear(
@@ -174,7 +185,7 @@ def fused_sparse_linear(
     """
     if not torch.is_grad_enabled():
         fused = weight.detach().clone()
-        _with_delta(fused, values, indices, scale)
+        _with_delta(backend(weight), fused, values, indices, scale)
         return _dense_linear(x, fused, bias, fan_in_fan_out)
     return FusedSparseLinearFn.apply(
         x, weight, bias, values, indices, float(scale), fan_in_fan_out, axis, channels

@@ -13,8 +13,9 @@ import torch
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sparse CPU kernels have no fp16/bf16 support: compute those in fp32."""
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The one accumulation rule of every sparse op (torch and Triton): fp16/bf16 in fp32 (sparse CPU kernels have
+    no half support, and sums of many half products lose precision), every other dtype as it is."""
     return torch.float32 if dtype in _HALF else dtype
 
 
@@ -39,7 +40,7 @@ def scatter_add_(
 
     Indices are unique (validated on the way in), so fp32/fp64 targets take one ``index_add_``.
     """
-    compute = _compute_dtype(target.dtype)
+    compute = compute_dtype(target.dtype)
     if compute == target.dtype and target.is_contiguous():
         target.view(-1).index_add_(0, indices, values.to(compute), alpha=alpha)
         return target
@@ -63,7 +64,7 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, shape: tuple[
 
     ``a`` is ``(T, R)``, ``b`` is ``(T, C)``. This is ``(a^T b)[idx]`` without the dense ``R x C`` product.
     """
-    dtype = _compute_dtype(torch.promote_types(a.dtype, b.dtype))
+    dtype = compute_dtype(torch.promote_types(a.dtype, b.dtype))
     a2 = a.reshape(-1, a.shape[-1]).to(dtype)
     b2 = b.reshape(-1, b.shape[-1]).to(dtype)
     mask = _csr(indices, torch.zeros(indices.numel(), dtype=dtype, device=a.device), shape)
@@ -81,7 +82,7 @@ def spmm(
     ``transpose=True``: ``x @ S^T`` (``x`` has ``C`` features, result ``R``) — an ``nn.Linear`` storage.
     ``transpose=False``: ``x @ S`` (``x`` has ``R`` features, result ``C``) — a GPT-2 ``Conv1D`` storage.
     """
-    dtype = _compute_dtype(torch.promote_types(x.dtype, values.dtype))
+    dtype = compute_dtype(torch.promote_types(x.dtype, values.dtype))
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     sparse = _csr(indices, values.to(dtype), shape)
     with torch.autocast(x.device.type, enabled=False):  # sparse kernels have no autocast (bf16) variants

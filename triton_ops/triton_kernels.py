@@ -25,15 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-_HALF = (torch.float16, torch.bfloat16)
+from .torch_ops import compute_dtype
+
 _SCATTER_BLOCK = 1024  # indices per program for gather/scatter: memory bound, wide blocks
 _TILE = 2048  # elements of the (nonzeros x tokens) tile one spmm program holds per step
 _SDDMM_BLOCK_K = 64  # nonzeros per sddmm program
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Same rule as the torch path: halves are accumulated (and sddmm is returned) in fp32."""
-    return torch.float32 if dtype in _HALF else dtype
 
 
 def _acc(dtype: torch.dtype) -> tl.dtype:
@@ -188,7 +184,7 @@ def scatter_add_(
     target: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0
 ) -> torch.Tensor:
     """In place ``target.flatten()[indices] += alpha * values``, summed in fp32 and rounded once."""
-    cdtype = _compute_dtype(target.dtype)
+    cdtype = compute_dtype(target.dtype)
     vals = values.contiguous()
     if cdtype == torch.float64:  # a Python float reaches the kernel as fp32: scale in fp64 here instead
         vals, alpha = vals.to(torch.float64) * alpha, 1.0
@@ -203,7 +199,7 @@ def scatter_add_(
 
 def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Sampled product ``g[k] = sum_t a[t, r_k] * b[t, c_k]``; fp32 for half inputs, like the torch path."""
-    out_dtype = _compute_dtype(torch.promote_types(a.dtype, b.dtype))
+    out_dtype = compute_dtype(torch.promote_types(a.dtype, b.dtype))
     k = indices.numel()
     a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
     n_tokens = a2.shape[0]
@@ -250,7 +246,7 @@ def spmm(
     out = torch.empty(n_tokens, n_out, dtype=x.dtype, device=x.device)
     if indices.numel() == 0 or n_tokens == 0:
         return out.zero_().view(*x.shape[:-1], n_out)
-    acc = _acc(_compute_dtype(torch.promote_types(x.dtype, values.dtype)))
+    acc = _acc(compute_dtype(torch.promote_types(x.dtype, values.dtype)))
     if transpose:
         idx, vals = indices.contiguous(), values.contiguous()
     else:  # x @ S == x @ (S^T)^T: re-sort the nonzeros by column, i.e. row-major in S^T

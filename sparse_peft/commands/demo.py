@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from demo.app import serve
+    from sparse_peft.demo.app import serve
 
     print(f"Serving the demo on http://{args.host}:{args.port} (Ctrl+C to stop) ...", flush=True)
     serve(args.adapters, args.model, args.host, args.port)

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                             test_examples=args.test_examples)
     print(format_result(result, args.output))
     if not args.no_demo:
-        from demo.app import serve
+        from sparse_peft.demo.app import serve
 
         print(f"Serving the demo on http://{args.host}:{args.port} (Ctrl+C to stop) ...", flush=True)
         serve(args.output, host=args.host, port=args.port)

@@ -181,6 +181,8 @@ def peft_config(args: argparse.Namespace) -> Any:
     from peft import LoraConfig
 
     from sparse_peft import GroupSparseLoraConfig, S2FTConfig, SoraConfig, SparseDeltaConfig
+    from sparse_peft.tuners.s2ft.config import S2FT_SELECTIONS
+    from sparse_peft.tuners.sparse_delta.config import SELECTIONS
 
     targets: Any = args.target_modules
     if targets != "all-linear":
@@ -193,10 +195,7 @@ def peft_config(args: argparse.Namespace) -> Any:
         if value is not None and args.method != owner:
             raise UsageError(f"{flag} applies to --method {owner}, not {args.method}")
     if args.selection is not None:
-        allowed = {
-            "sparse_delta": ("random", "magnitude", "gradient", "snip"),
-            "s2ft": ("random", "weight", "activation", "gradient"),
-        }.get(args.method, ())
+        allowed = {"sparse_delta": SELECTIONS, "s2ft": S2FT_SELECTIONS}.get(args.method, ())
         if args.selection not in allowed:
             raise UsageError(f"--selection {args.selection} is not available for --method {args.method}")
         if args.selection in CALIBRATED and args.kind != "sft":
@@ -204,13 +203,15 @@ def peft_config(args: argparse.Namespace) -> Any:
                 f"--selection {args.selection} scores weights on labelled sft batches; with {args.kind} use "
                 "random, magnitude (sparse_delta) or weight (s2ft), or train the mask with sft first"
             )
-    if args.method == "sparse_delta":
-        if args.r is not None and args.density is not None:
-            raise UsageError("sparse_delta: give --r or --density, not both")
-        budget = {"r": args.r} if args.r is not None else {"density": args.density or 0.01}
+    if args.method == "sparse_delta":  # the budget rule (r or density, not both; the default) is the config's
         dynamic = {"reselect_every": args.reselect_every} if args.reselect_every else {}
         return SparseDeltaConfig(
-            target_modules=targets, selection=args.selection or "random", seed=args.seed, **budget, **dynamic
+            target_modules=targets,
+            selection=args.selection or "random",
+            seed=args.seed,
+            r=args.r,
+            density=args.density,
+            **dynamic,
         )
     if args.method == "s2ft":
         return S2FTConfig(r=args.r or 8, selection=args.selection or "random", seed=args.seed)
@@ -320,8 +321,7 @@ def _trainer(args: argparse.Namespace, model_path: str, data: Any) -> Any:
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import trainers  # noqa: F401  (attaches SparseUpdateCallback to every Trainer)
-    from trainers import SparsePOConfig, SparsePOTrainer
+    from sparse_peft.trainers import SparsePOConfig, SparsePOTrainer, attach
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
@@ -357,13 +357,15 @@ def _trainer(args: argparse.Namespace, model_path: str, data: Any) -> Any:
             mask_l1_kl=args.mask_l1,
             **common,
         )
-    return cls(
+    trainer = cls(
         model=model,
         args=config,
         train_dataset=data,
         processing_class=tokenizer,
         peft_config=peft_config(args),
     )
+    attach(trainer)
+    return trainer
 
 
 def calibrate(trainer: Any, batches: int) -> None:

@@ -91,7 +91,7 @@ def finetune(
     import transformers
     import trl
 
-    import trainers  # noqa: F401  (installs SparseUpdateCallback on every Trainer)
+    from sparse_peft.trainers import attach
 
     calibrated = needs_calibration(model)
     if calibrated:
@@ -122,6 +122,7 @@ def finetune(
         )
         with quiet_data_preparation():
             trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        attach(trainer)
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
         trainer.add_callback(LabelledProgress(label, progress))
         start = time.perf_counter()

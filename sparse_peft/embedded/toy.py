@@ -8,6 +8,7 @@ benchmark use the pretrained embedded model and the skills instead (:mod:`sparse
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -18,19 +19,22 @@ from ..dynamic import DynamicMasks, ReselectionStats
 VOCAB, SEQ_LEN = 64, 12
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A ~0.2M-parameter Llama (with grouped-query attention) built deterministically from a config."""
+def tiny_llama(seed: int = 0, **config: Any) -> LlamaForCausalLM:
+    """A small Llama with grouped-query attention, built deterministically from a config: by default ~0.2M
+    parameters (2 layers, hidden 64, 4 query / 2 key-value heads, intermediate 2 × hidden). Keyword arguments
+    override any ``LlamaConfig`` field: the one builder of every test and benchmark that needs a tiny decoder."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+    hidden = config.get("hidden_size", 64)
+    defaults = {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    return LlamaForCausalLM(LlamaConfig(**{**defaults, **config}))
 
 
 def successor_table(seed: int, low: int = 0, high: int = VOCAB) -> torch.Tensor:

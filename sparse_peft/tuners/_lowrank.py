@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -24,9 +26,10 @@ from peft.utils import (
 )
 from peft.utils.other import transpose
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..proximal import LAMBDA_SCHEDULES, LambdaSchedule, ProximalLayer
+from ._base_layers import check_supported, stores_in_out
+from ._mixed_batch import adapter_names_hooks, mixed_batch_forward
 from ._quantized import base_weight
 from ._twin import twin_adapter
 
@@ -271,11 +274,9 @@ class SparseLowRankLayer(nn.Module, BaseTunerLayer, ProximalLayer):
             self.set_base_weight(weight)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError(
-                f"Mixed adapter batches (adapter_names=...) are not supported by {type(self).__name__}; "
-                "export the adapters with sparse_peft.export_to_lora to use them."
-            )
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self.disable_adapters:
+            return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -288,15 +289,20 @@ class SparseLowRankLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         result_dtype = result.dtype
         a_dict = getattr(self, self.a_name)
         for adapter in self.active_adapters:
-            if adapter not in a_dict:
-                continue
-            a, b, g = self.weight_A(adapter), self.weight_B(adapter), self.gate(adapter)
-            dropout = getattr(self, self.dropout_name)[adapter]
-            h = F.linear(dropout(self._cast_input_dtype(x, a.dtype)), a)
-            if g is not None:
-                h = h * g
-            result = result + F.linear(h, b) * self.scaling[adapter]
+            if adapter in a_dict:
+                result = result + self.adapter_output(adapter, x)
         return result.to(result_dtype)
+
+    def holds_adapter(self, name: str) -> bool:
+        return name in getattr(self, self.a_name)
+
+    def adapter_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """``s·B(g ⊙ A·dropout(x))``: the adapter's own output (mixed-adapter batches use it per row group)."""
+        a, b, g = self.weight_A(adapter), self.weight_B(adapter), self.gate(adapter)
+        h = F.linear(getattr(self, self.dropout_name)[adapter](self._cast_input_dtype(x, a.dtype)), a)
+        if g is not None:
+            h = h * g
+        return F.linear(h, b) * self.scaling[adapter]
 
     @torch.no_grad()
     def copy_adapter(self, source: str, target: str) -> None:
@@ -320,13 +326,6 @@ class SparseLowRankLayer(nn.Module, BaseTunerLayer, ProximalLayer):
 
     def __repr__(self) -> str:
         return self.prefix.rstrip("_") + "." + super().__repr__()
-
-
-def _supported_base(layer: nn.Module) -> bool:
-    if isinstance(layer, (nn.Linear, Conv1D)):
-        return True
-    backend = resolve_quantization_backend(layer)
-    return backend is not None and backend.layer_type == "linear"
 
 
 class SparseLowRankModel(BaseTuner):
@@ -362,6 +361,12 @@ class SparseLowRankModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Mixed-adapter batches (``adapter_names=[...]``), as PEFT's LoRA (see :mod:`._mixed_batch`)."""
+        with adapter_names_hooks(self, self.tuner_layer_cls, set(self.peft_config), **kwargs):
+            yield
+
     def _twin_adapter(
         self, config: SparseLowRankConfig, adapter_name: str, layer: SparseLowRankLayer
     ) -> str | None:
@@ -371,16 +376,11 @@ class SparseLowRankModel(BaseTuner):
     def _create_new_module(
         self, config: SparseLowRankConfig, adapter_name: str, target: nn.Module, **kwargs: Any
     ) -> SparseLowRankLayer:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not _supported_base(base):
-            raise TypeError(
-                f"Target module {target} is not supported by {type(self).__name__}: only torch.nn.Linear, "
-                "transformers' Conv1D and quantized linear layers (bitsandbytes, ...) are."
-            )
-        if isinstance(base, Conv1D) and not config.fan_in_fan_out:
+        in_out = stores_in_out(check_supported(target, self.prefix.rstrip("_")))
+        if in_out and not config.fan_in_fan_out:
             warnings.warn("The target module is a Conv1D: setting fan_in_fan_out=True.", stacklevel=2)
             config.fan_in_fan_out = True
-        elif not isinstance(base, Conv1D) and config.fan_in_fan_out:
+        elif not in_out and config.fan_in_fan_out:
             warnings.warn("The target module is a linear layer: setting fan_in_fan_out=False.", stacklevel=2)
             config.fan_in_fan_out = False
         return self.linear_cls(target, adapter_name, config, **kwargs)

@@ -38,8 +38,8 @@ def main(out_dir: str) -> None:
         optimizer.zero_grad()
         if dynamic.step():
             layers = sparse_delta_layers(model)
-            snapshots.append({n: layer.sparse_delta_indices["default"].tolist() for n, layer in layers.items()})
-    values = {n: layer.sparse_delta_values["default"].detach().tolist() for n, layer in sparse_delta_layers(model).items()}
+            snapshots.append({n: layer.support_indices["default"].tolist() for n, layer in layers.items()})
+    values = {n: layer.support_values["default"].detach().tolist() for n, layer in sparse_delta_layers(model).items()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"indices": snapshots, "values": values}))
 
 

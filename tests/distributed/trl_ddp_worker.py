@@ -12,11 +12,10 @@ import torch
 import trl
 from accelerate import PartialState
 from peft import get_peft_model
+from sparse_peft.trainers import SparsePOConfig, SparsePOTrainer, attach
 
-import trainers  # noqa: F401  (attaches SparseUpdateCallback to every Trainer)
 from sparse_peft.embedded.toy import tiny_llama
 from tests.trl_helpers import SPARSE_METHODS, adapter_configs, preference_dataset, sft_dataset, word_tokenizer
-from trainers import SparsePOConfig, SparsePOTrainer
 
 COMMON = dict(
     max_steps=4,
@@ -48,6 +47,7 @@ def main(out_dir: str) -> None:
             processing_class=word_tokenizer(),
             peft_config=adapter_configs()[method],
         )
+        attach(trainer)
         trainer.train()
         results[method] = adapter_state(trainer.model)
         results[f"{method}@initial"] = adapter_state(get_peft_model(tiny_llama(0), adapter_configs()[method]))

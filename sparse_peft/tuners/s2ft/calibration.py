@@ -9,16 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...selection import _batch_loss, dense_grad_hooks
+from .._support import batch_loss, dense_grad_hooks
+from ..sparse_delta.layer import sparse_delta_layers
 from .layer import S2FTLinear
-
-
-def _layers(model: nn.Module, adapter_name: str) -> dict[str, S2FTLinear]:
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, S2FTLinear) and adapter_name in m.sparse_delta_values
-    }
+from .plan import channel_count
 
 
 def _input_score_hooks(layer: S2FTLinear, score: torch.Tensor, by: str) -> list[Any]:
@@ -56,7 +50,7 @@ def select_s2ft(
         raise ValueError(f"select_masks(s2ft): selection must be 'activation' or 'gradient', got {selection!r}.")
     tuner = peft_model.base_model
     arch = tuner.architecture(config)
-    layers = _layers(peft_model, adapter_name)
+    layers = sparse_delta_layers(peft_model, adapter_name, kind=S2FTLinear)
     batches = list(batches) if not isinstance(batches, list | tuple) else batches
     if not batches:
         raise ValueError("select_masks: at least one calibration batch is needed.")
@@ -67,7 +61,7 @@ def select_s2ft(
     grad_state = {n: p.requires_grad for n, p in model.named_parameters()}
     for layer in layers.values():
         layer.needs_calibration[adapter_name] = False
-        layer.sparse_delta_values[adapter_name].requires_grad_(True)
+        layer.support_values[adapter_name].requires_grad_(True)
     try:
         with ExitStack() as stack:
             for n, layer in scored.items():
@@ -76,9 +70,9 @@ def select_s2ft(
             for batch in batches:
                 if selection == "activation":
                     with torch.no_grad():
-                        (loss_fn or _batch_loss)(model, batch)
+                        (loss_fn or batch_loss)(model, batch)
                 else:
-                    (loss_fn or _batch_loss)(model, batch).backward()
+                    (loss_fn or batch_loss)(model, batch).backward()
     finally:
         for n, p in model.named_parameters():
             p.grad = None
@@ -86,8 +80,7 @@ def select_s2ft(
         model.train(was_training)
     block_scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for n, layer in scored.items():
-        base_name = n.removeprefix("base_model.model.")
-        block = arch.block_of(base_name, layer.s2ft_role)
+        block = arch.block_of(n, layer.s2ft_role)
         heads, channels = block_scores.get(block, (torch.zeros(arch.num_heads), None))
         if layer.s2ft_role == "o":
             heads = scores[n].cpu().view(arch.num_heads, arch.head_dim).sum(1)
@@ -98,18 +91,15 @@ def select_s2ft(
         if channels is None:
             block_scores[block] = (heads, torch.zeros(0))
     plan = tuner.plan(config, adapter_name, scores=_complete(block_scores, tuner, config, adapter_name))
-    by_name = {n.removeprefix("base_model.model."): m for n, m in layers.items()}
     for name, channels in plan.items():
-        by_name[name].set_channels(adapter_name, channels)
-    return {name: by_name[name].sparse_delta_values[adapter_name].numel() for name in plan}
+        layers[name].set_channels(adapter_name, channels)
+    return {name: layers[name].support_values[adapter_name].numel() for name in plan}
 
 
 def _complete(
     block_scores: dict[str, tuple[torch.Tensor, torch.Tensor]], tuner: Any, config: Any, adapter_name: str
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Blocks whose o/down was not scored (e.g. only up rows targeted) fall back to zero scores of the right size."""
-    from .plan import channel_count
-
     modules = dict(tuner.model.named_modules())
     arch = tuner.architecture(config)
     result = {}

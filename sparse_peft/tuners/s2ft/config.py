@@ -28,6 +28,58 @@ class S2FTConfig(PeftConfig):
     ``channels_ratio`` (fractions of each block's heads / FFN channels). Selection: ``random`` (seeded),
     ``weight`` (slice norm), ``activation`` (mean |input| on calibration batches) or ``gradient`` (slice gradient
     norm); the last two need :func:`sparse_peft.select_masks` before training.
+
+    Args:
+        r (`int | None`, *optional*, defaults to `None`):
+            LoRA-equivalent budget per block (all-linear LoRA r).
+        heads_ratio (`float | None`, *optional*, defaults to `None`):
+            Fraction of attention heads per block.
+        channels_ratio (`float | None`, *optional*, defaults to `None`):
+            Fraction of FFN channels per block.
+        attention_fraction (`float`, *optional*, defaults to `0.5`):
+            With r: share of the budget given to attention heads (rest: channels).
+        value_rows (`bool`, *optional*, defaults to `False`):
+            Also train the selected heads' v_proj rows.
+        up_gate_rows (`bool`, *optional*, defaults to `False`):
+            Also train the selected channels' up/gate projection rows.
+        selection (`Literal['random', 'weight', 'activation', 'gradient']`, *optional*, defaults to `'random'`):
+            How heads/channels are chosen: one of ('random', 'weight', 'activation', 'gradient').
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the random selection (per block).
+        module_roles (`dict[str, str] | None`, *optional*, defaults to `None`):
+            Role -> module-name suffix for architectures S2FT does not know; roles: ('o', 'v', 'down', 'up',
+            'gate').
+        channel_plan (`dict[str, list[int]] | None`, *optional*, defaults to `None`):
+            Explicit channel ids per module name (logical input columns of o/down, output rows of v/up/gate);
+            overrides budget and selection. compose() writes it; use it to train on a given slice.
+        num_attention_heads (`int | None`, *optional*, defaults to `None`):
+            Override the model's head count.
+        num_key_value_heads (`int | None`, *optional*, defaults to `None`):
+            Override the KV head count.
+        head_dim (`int | None`, *optional*, defaults to `None`):
+            Override the head size.
+        target_modules (`list[str] | str | None`, *optional*, defaults to `None`):
+            Restrict to these role modules (default: every module with a role).
+        exclude_modules (`list[str] | str | None`, *optional*, defaults to `None`):
+            Modules to leave alone.
+        layers_to_transform (`list[int] | int | None`, *optional*, defaults to `None`):
+            Only these layers.
+        layers_pattern (`list[str] | str | None`, *optional*, defaults to `None`):
+            Layer ModuleList name.
+        fused (`bool`, *optional*, defaults to `True`):
+            Write the delta into the weight inside the kernels (base speed).
+        init_weights (`bool`, *optional*, defaults to `True`):
+            Start from a zero delta (identity).
+        modules_to_save (`list[str] | None`, *optional*, defaults to `None`):
+            Extra modules trained fully.
+
+    Example:
+
+    ```py
+    >>> import sparse_peft
+    >>> from peft import get_peft_model
+    >>> model = get_peft_model(base_model, sparse_peft.S2FTConfig(r=8, selection="weight"))
+    ```
     """
 
     r: int | None = field(default=None, metadata={"help": "LoRA-equivalent budget per block (all-linear LoRA r)."})

@@ -14,9 +14,9 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-import triton_ops
+from sparse_peft import triton_ops
 
-from ...indices import InvalidSparseIndicesError
+from ...indices import validate_indices
 from ..sparse_delta.layer import SparseDeltaLinear
 from .architecture import ROLE_AXIS
 
@@ -24,31 +24,23 @@ from .architecture import ROLE_AXIS
 class S2FTLinear(SparseDeltaLinear):
     """Structured sparse delta on one linear-like layer: channels along one storage axis."""
 
-    # PEFT recognises a method's tensors by its prefix, so S2FT owns ``s2ft_*`` containers; the sparse-delta core
-    # reaches them through the ``sparse_delta_*`` properties below.
+    # The sparse-delta core's containers under S2FT's own prefix (PEFT recognises a method's tensors by it). The flat
+    # indices are derived from the channel ids, so only the channels are saved.
+    values_name = "s2ft_values"
+    indices_name = "s2ft_indices"
+    indices_persistent = False
     adapter_layer_names = ("s2ft_values",)
-    other_param_names = ("s2ft_indices", "s2ft_channels")
+    other_param_names = ("s2ft_indices", "s2ft_channels", "scaling", "fused_mode", "needs_calibration", "sparse_schedule")
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, role: str, fan_in_fan_out: bool = False, **kwargs: Any
     ) -> None:
         super().__init__(base_layer, adapter_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
-        self.s2ft_values = self._modules.pop("sparse_delta_values")
-        del self._modules["sparse_delta_indices"]
-        self.s2ft_indices = BufferDict({}, persistent=False)  # derived from the channels, never saved
         self.s2ft_channels = BufferDict({}, persistent=True)
         self.s2ft_role = role
         logical = ROLE_AXIS[role]
         # storage axis the channels index: Linear (out, in) -> in = 1; Conv1D (in, out) -> in = 0
         self.s2ft_axis = (0 if fan_in_fan_out else 1) if logical == "in" else (1 if fan_in_fan_out else 0)
-
-    @property
-    def sparse_delta_values(self) -> nn.ParameterDict:  # type: ignore[override]
-        return self.s2ft_values
-
-    @property
-    def sparse_delta_indices(self) -> BufferDict:  # type: ignore[override]
-        return self.s2ft_indices
 
     @property
     def axis_size(self) -> int:
@@ -57,23 +49,7 @@ class S2FTLinear(SparseDeltaLinear):
 
     def check_channels(self, channels: torch.Tensor, where: str) -> torch.Tensor:
         """Validate channel ids (integer, 1-D, sorted, unique, in range) before they touch the weight."""
-        if not isinstance(channels, torch.Tensor) or channels.dtype not in (torch.int32, torch.int64):
-            dtype = getattr(channels, "dtype", type(channels).__name__)
-            raise InvalidSparseIndicesError(f"{where}: channel ids must be int32/int64, got {dtype}.")
-        if channels.dim() != 1:
-            raise InvalidSparseIndicesError(f"{where}: channel ids must be 1-D, got shape {tuple(channels.shape)}.")
-        if channels.numel():
-            low, high = int(channels.min()), int(channels.max())
-            if low < 0 or high >= self.axis_size:
-                raise InvalidSparseIndicesError(
-                    f"{where}: channel ids out of range [0, {self.axis_size}): min {low}, max {high}."
-                )
-            steps = channels[1:] - channels[:-1]
-            if (steps == 0).any():
-                raise InvalidSparseIndicesError(f"{where}: duplicated channel ids.")
-            if (steps < 0).any():
-                raise InvalidSparseIndicesError(f"{where}: channel ids are not sorted.")
-        return channels.long()
+        return validate_indices(channels, self.axis_size, where=where, kind="channel ids").long()
 
     def set_channels(
         self,
@@ -89,7 +65,7 @@ class S2FTLinear(SparseDeltaLinear):
         """Create or re-select adapter ``adapter_name`` on these channels (values reset unless given)."""
         channels = self.check_channels(channels, f"s2ft adapter '{adapter_name}'")
         indices = triton_ops.slice_flat_indices(self.storage_shape, self.s2ft_axis, channels)
-        if adapter_name in self.sparse_delta_values and adapter_name in self.scaling:
+        if adapter_name in self.support_values and adapter_name in self.scaling:
             self.set_adapter_indices(adapter_name, indices, init_weights=init_weights, seed=seed, values=values)
             self.needs_calibration[adapter_name] = needs_calibration
         else:

@@ -10,8 +10,9 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from ...indices import InvalidSparseIndicesError, check_checksums, check_header_shape, check_values
+from .._base_layers import base_of, check_supported, is_supported, stores_in_out
 from ..sparse_delta.adapter_file import ModuleRecord
-from ..sparse_delta.model import SparseDeltaModel, _is_supported_base
+from ..sparse_delta.model import SparseDeltaModel
 from .architecture import Architecture, resolve_architecture
 from .config import S2FTConfig
 from .layer import S2FTLinear
@@ -60,10 +61,10 @@ class S2FTModel(SparseDeltaModel):
                 continue
             if role in ("v",) and not config.value_rows or role in ("up", "gate") and not config.up_gate_rows:
                 continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if not _is_supported_base(base):
+            if not is_supported(module):
                 raise TypeError(
-                    f"s2ft: module '{name}' (role {role!r}) is a {type(base).__name__}, not a linear-like layer."
+                    f"s2ft: module '{name}' (role {role!r}) is a {type(base_of(module)).__name__}, not a linear-like "
+                    "layer."
                 )
             block = blocks.setdefault(arch.block_of(name, role), Block(arch.block_of(name, role)))
             block.modules[name] = role
@@ -73,10 +74,9 @@ class S2FTModel(SparseDeltaModel):
                 f"{config.target_modules}; set S2FTConfig(module_roles=...) for this architecture."
             )
         linear_sizes = {
-            name: sum(_in_out(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module))
+            name: sum(_in_out(base_of(module)))
             for name, module in self.model.named_modules()
-            if ".base_layer" not in name
-            and (isinstance(module, BaseTunerLayer) or _is_supported_base(module))
+            if ".base_layer" not in name and (isinstance(module, BaseTunerLayer) or is_supported(module))
         }
         for block in blocks.values():
             prefix = block.name + "." if block.name else ""
@@ -135,7 +135,7 @@ class S2FTModel(SparseDeltaModel):
             channels = self._loaded_support(adapter_name, current_key, layer)
         if twin is not None:  # TRL's "ref" adapter: an exact copy of the adapter it was made from
             channels = layer.channels(twin).clone()
-            values = layer.sparse_delta_values[twin].detach().clone()
+            values = layer.support_values[twin].detach().clone()
         layer.set_channels(
             adapter_name,
             channels,
@@ -156,12 +156,11 @@ class S2FTModel(SparseDeltaModel):
     def _create_new_module(  # type: ignore[override]
         self, config: S2FTConfig, adapter_name: str, target: nn.Module, current_key: str = ""
     ) -> S2FTLinear:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(target, BaseTunerLayer) and not isinstance(target, S2FTLinear):
             raise TypeError(f"s2ft: module '{current_key}' already carries another adapter type.")
+        base = check_supported(target, "s2ft")
         role = self.architecture(config).role_of(current_key)
-        fan_in_fan_out = type(base).__name__ == "Conv1D"
-        return S2FTLinear(target, adapter_name, role=role, fan_in_fan_out=fan_in_fan_out)
+        return S2FTLinear(target, adapter_name, role=role, fan_in_fan_out=stores_in_out(base))
 
     def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
         try:

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ...selection import module_seed
+from .._base_layers import base_of, stores_in_out
+from .._quantized import dequantized
+from .._support import module_seed
 from .architecture import CHANNEL_ROLES, HEAD_ROLES, Architecture
 from .config import S2FTConfig
 
@@ -33,18 +35,9 @@ class BlockBudget:
 
 def _weight_2d(module: nn.Module) -> torch.Tensor:
     """Logical (out, in) weight of a linear-like module (a view; dequantized copy for quantized bases)."""
-    from ..sparse_delta.layer import SparseDeltaLayer
-
-    layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    weight = layer.weight
-    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        from .._quantized import dequantized
-
-        weight = dequantized(layer)
-    is_conv1d = type(layer).__name__ == "Conv1D" or (
-        isinstance(module, SparseDeltaLayer) and module.fan_in_fan_out
-    )
-    return weight.t() if is_conv1d else weight
+    layer = base_of(module)
+    weight = layer.weight if layer.weight.is_floating_point() else dequantized(layer)
+    return weight.t() if stores_in_out(layer) else weight
 
 
 def channel_count(block: Block, get: Callable[[str], nn.Module]) -> int:

@@ -11,13 +11,15 @@ failure withdraws what it injected (:class:`InjectionUndo`) before the error rea
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-PEFT_PREFIX = "base_model.model."
+from ...indices import CorruptAdapterFileError
+from .layer import PEFT_PREFIX
+
 _SOURCE = "_sparse_peft_weights_file"
 
 
@@ -29,6 +31,14 @@ class ModuleRecord:
     support: torch.Tensor  # flat indices (SPARSE_DELTA) or channel ids (S2FT)
     values: torch.Tensor
     header: torch.Tensor | None  # integrity header (shape + checksums); None in files written before headers
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)  # the module's tensors as read from the file
+    checked: torch.Tensor | None = None  # the support in canonical form once checked against its layer
+
+    def same_tensors(self, stored: dict[str, torch.Tensor]) -> bool:
+        """Whether ``stored`` (the same module read again) holds exactly this record's tensors."""
+        return stored.keys() == self.stored.keys() and all(
+            stored[k].dtype == v.dtype and torch.equal(stored[k], v) for k, v in self.stored.items()
+        )
 
     @property
     def module(self) -> str:
@@ -53,8 +63,6 @@ def read_adapter_file(path: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ...indices import CorruptAdapterFileError
-
     try:
         return load_file(path)
     except (SafetensorError, OSError) as err:
@@ -78,7 +86,7 @@ class InjectionUndo:
 
     def __call__(self, adapter_name: str) -> None:
         for name, module in list(self.model.named_modules()):
-            if adapter_name not in getattr(module, "sparse_delta_values", {}):
+            if adapter_name not in getattr(module, "support_values", {}):
                 continue
             if id(module) in self.layers_before:
                 module.delete_adapter(adapter_name)

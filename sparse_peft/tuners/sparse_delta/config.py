@@ -17,6 +17,11 @@ REGROW_CRITERIA = ("gradient", "momentum")
 DEFAULT_DENSITY = 0.01
 
 
+def entries_for_density(density: float, numel: int) -> int:
+    """How many entries ``density`` of ``numel`` is: rounded, at least one, at most all."""
+    return max(1, min(numel, round(density * numel)))
+
+
 @dataclass
 class SparseDeltaConfig(PeftConfig):
     """Train a fixed number of individual weight entries per targeted matrix: ``W' = W + Δ``.
@@ -32,6 +37,59 @@ class SparseDeltaConfig(PeftConfig):
     ``fused=True`` runs one active adapter on a non-quantized layer as the base layer's dense matmul with the delta
     written into the weight only for the duration of the forward/backward kernels (O(k) write and bit-exact
     restore), so it trains at LoRA's speed and memory and the base weight never holds the delta outside them.
+
+    Args:
+        target_modules (`list[str] | str | None`, *optional*, defaults to `None`):
+            Module names or a regex to adapt, or 'all-linear'. Only linear-like layers are supported.
+        exclude_modules (`list[str] | str | None`, *optional*, defaults to `None`):
+            Module names or a regex to leave alone.
+        layers_to_transform (`list[int] | int | None`, *optional*, defaults to `None`):
+            Only adapt these layer indices (needs a layer pattern the model uses).
+        layers_pattern (`list[str] | str | None`, *optional*, defaults to `None`):
+            Name of the ModuleList holding the layers, e.g. 'layers' or 'h'.
+        density (`float | None`, *optional*, defaults to `None`):
+            Fraction of each targeted weight matrix to train, in (0, 1].
+        r (`int | None`, *optional*, defaults to `None`):
+            LoRA-equivalent budget: r * (in_features + out_features) trainable entries per matrix.
+        selection (`Literal['random', 'magnitude', 'gradient', 'snip']`, *optional*, defaults to `'random'`):
+            How entries are chosen, one of ('random', 'magnitude', 'gradient', 'snip').
+        init_weights (`bool`, *optional*, defaults to `True`):
+            Start the delta at zero (True). False draws random values; only useful for tests.
+        fan_in_fan_out (`bool`, *optional*, defaults to `False`):
+            Weights stored (in, out) as in GPT-2's Conv1D; detected automatically for Conv1D.
+        fused (`bool`, *optional*, defaults to `True`):
+            Run one active adapter as the base layer's dense matmul (delta written in transiently).
+        seed (`int`, *optional*, defaults to `0`):
+            Seed for random selection and non-zero init.
+        l1_lambda (`float`, *optional*, defaults to `0.0`):
+            LT-SFT's L1 pull towards the base: after each optimizer step the values are soft-thresholded by lr
+            * l1_lambda, so deltas stay small and composable (0: off).
+        reselect_every (`int | None`, *optional*, defaults to `None`):
+            Dynamic mask (SpIEL): prune and regrow every this many optimizer steps; None = static.
+        reselect_fraction (`float`, *optional*, defaults to `0.2`):
+            Fraction of each layer's entries replaced at a reselection, before decay.
+        reselect_schedule (`Literal['linear', 'cosine', 'constant']`, *optional*, defaults to `'linear'`):
+            How the replaced fraction decays to 0 over training, ('linear', 'cosine', 'constant').
+        reselect_first_full (`bool`, *optional*, defaults to `False`):
+            Replace every entry at the first reselection (SpIEL's warm start).
+        reselect_total_steps (`int | None`, *optional*, defaults to `None`):
+            Steps over which the fraction decays (default: the Trainer's max_steps).
+        regrow (`Literal['gradient', 'momentum']`, *optional*, defaults to `'gradient'`):
+            Regrow by accumulated |grad| of candidates, or by SM3-style row/column accumulators.
+        regrow_window (`int`, *optional*, defaults to `5`):
+            Steps before each reselection whose gradients score the regrowth candidates.
+        modules_to_save (`list[str] | None`, *optional*, defaults to `None`):
+            Other modules to train fully and save with the adapter.
+
+    Example:
+
+    ```py
+    >>> import sparse_peft
+    >>> from peft import get_peft_model
+    >>> config = sparse_peft.SparseDeltaConfig(target_modules="all-linear", r=8, selection="gradient")
+    >>> model = get_peft_model(base_model, config)
+    >>> sparse_peft.select_masks(model, calibration_batches)  # gradient / snip selections only
+    ```
     """
 
     target_modules: list[str] | str | None = field(
@@ -226,4 +284,4 @@ class SparseDeltaConfig(PeftConfig):
                     f"{numel}; lower `r` or use `density`."
                 )
             return k
-        return max(1, min(numel, round(float(self.density) * numel)))
+        return entries_for_density(float(self.density), numel)

@@ -15,7 +15,7 @@ Neither keeps a dense copy of the weight for backward nor builds a dense ``dL/dW
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -23,10 +23,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
-import triton_ops
+from sparse_peft import triton_ops
 
 from ...indices import index_dtype, validate_indices
 from ...proximal import LambdaSchedule, ProximalLayer, soft_threshold_
+from .._mixed_batch import mixed_batch_forward
 from .._quantized import base_weight
 
 
@@ -40,8 +41,16 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
     An adapter made with ``l1_lambda > 0`` takes LT-SFT's L1 pull towards the base after each optimizer step: its
     values are soft-thresholded by ``lr·λ`` (the shared proximal step, as SoRA's gates)."""
 
-    adapter_layer_names = ("sparse_delta_values",)
-    other_param_names = ("sparse_delta_indices",)
+    # A method on this core names its containers (PEFT recognises a method's tensors by its prefix); the core reaches
+    # them through ``support_values`` / ``support_indices``. Per-adapter plain dicts sit in ``other_param_names`` so
+    # PEFT's own ``delete_adapter`` drops them.
+    values_name: ClassVar[str] = "sparse_delta_values"
+    indices_name: ClassVar[str] = "sparse_delta_indices"
+    indices_persistent: ClassVar[bool] = True  # False where the indices are derived from something saved
+    adapter_layer_names: tuple[str, ...] = ("sparse_delta_values",)
+    other_param_names: tuple[str, ...] = (
+        "sparse_delta_indices", "scaling", "fused_mode", "needs_calibration", "sparse_schedule"
+    )
     sparsity_unit = "entries"
 
     def __init__(
@@ -49,8 +58,8 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.sparse_delta_values = nn.ParameterDict({})
-        self.sparse_delta_indices = BufferDict({}, persistent=True)
+        setattr(self, self.values_name, nn.ParameterDict({}))
+        setattr(self, self.indices_name, BufferDict({}, persistent=self.indices_persistent))
         self.scaling: dict[str, float] = {}
         self.fused_mode: dict[str, bool] = {}
         self.needs_calibration: dict[str, bool] = {}
@@ -66,6 +75,16 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
             raise TypeError(f"sparse_delta cannot adapt {type(self.get_base_layer()).__name__}.")
         self.fan_in_fan_out = fan_in_fan_out
         self._active_adapter = adapter_name
+
+    @property
+    def support_values(self) -> nn.ParameterDict:
+        """Per adapter: the trainable values of the delta (the method's ``<prefix>values`` container)."""
+        return getattr(self, self.values_name)
+
+    @property
+    def support_indices(self) -> BufferDict:
+        """Per adapter: the sorted flat indices the values sit at, in the weight's storage layout."""
+        return getattr(self, self.indices_name)
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -130,13 +149,13 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
             else:
                 gen = torch.Generator().manual_seed(seed)
                 values = torch.randn(k, generator=gen) * 0.1
-        old = self.sparse_delta_values[adapter_name] if adapter_name in self.sparse_delta_values else None
+        old = self.support_values[adapter_name] if adapter_name in self.support_values else None
         dtype = old.dtype if old is not None else torch.float32
         requires_grad = old.requires_grad if old is not None else True
-        self.sparse_delta_values[adapter_name] = nn.Parameter(
+        self.support_values[adapter_name] = nn.Parameter(
             values.detach().to(device=device, dtype=dtype), requires_grad=requires_grad
         )
-        self.sparse_delta_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(self.numel))
+        self.support_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(self.numel))
 
     def _weight_device(self) -> torch.device:
         weight = getattr(self.get_base_layer(), "weight", None)
@@ -144,7 +163,7 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
 
     def delta_values(self, adapter_name: str) -> torch.Tensor:
         """The scaled values of one adapter (differentiable)."""
-        return self.sparse_delta_values[adapter_name] * self.scaling[adapter_name]
+        return self.support_values[adapter_name] * self.scaling[adapter_name]
 
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.scaling:
@@ -154,13 +173,8 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         """Dense delta in the base weight's storage layout (for inspection and conversions, not for training)."""
         values = self.delta_values(adapter).detach()
         delta = torch.zeros(self.numel, dtype=values.dtype, device=values.device)
-        delta[self.sparse_delta_indices[adapter].long()] = values
+        delta[self.support_indices[adapter].long()] = values
         return delta.view(self.storage_shape)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        for table in (self.scaling, self.fused_mode, self.needs_calibration, self.sparse_schedule):
-            table.pop(adapter_name, None)
 
     # ----------------------------------------------------------------- L1 pull (ProximalLayer)
     def set_l1_lambda(self, adapter_name: str, l1_lambda: float) -> None:
@@ -170,14 +184,14 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
             self.sparse_schedule.pop(adapter_name, None)
 
     def proximal_step(self, adapter_name: str, lr: float, lam: float) -> None:
-        soft_threshold_(self.sparse_delta_values[adapter_name], lr * lam)
+        soft_threshold_(self.support_values[adapter_name], lr * lam)
 
     def penalized_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        return [self.sparse_delta_values[adapter_name]]
+        return [self.support_values[adapter_name]]
 
     def sparsity(self, adapter_name: str) -> tuple[int, int]:
         """Non-zero values of the support (the L1 pull sets small ones exactly to zero)."""
-        values = self.sparse_delta_values[adapter_name]
+        values = self.support_values[adapter_name]
         return int(torch.count_nonzero(values)), values.numel()
 
     # ----------------------------------------------------------------- execution path
@@ -185,7 +199,7 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         """The adapter to run on the fused path (delta written into the weight inside the kernel call), or None."""
         if self.disable_adapters or self.merged or self.is_quantized:
             return None
-        active = [a for a in self.active_adapters if a in self.sparse_delta_values]
+        active = [a for a in self.active_adapters if a in self.support_values]
         if len(active) != 1 or not self.fused_mode.get(active[0], False):
             return None
         weight = getattr(self.get_base_layer(), "weight", None)
@@ -200,9 +214,9 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         if not adapter_names:
             return
         for name in adapter_names:
-            if name not in self.sparse_delta_values:
+            if name not in self.support_values:
                 continue
-            idx = self.sparse_delta_indices[name]
+            idx = self.support_indices[name]
             weight = self.dense_weight()
             originals = triton_ops.gather(weight, idx)  # a copy
             values = self.delta_values(name).detach()
@@ -226,10 +240,10 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             originals = self._merge_originals.pop(name, None)
-            if originals is None or name not in self.sparse_delta_indices or self.is_quantized:
+            if originals is None or name not in self.support_indices or self.is_quantized:
                 continue
             weight = self.dense_weight()
-            triton_ops.scatter_(weight, self.sparse_delta_indices[name], originals.to(weight.device))
+            triton_ops.scatter_(weight, self.support_indices[name], originals.to(weight.device))
         if self._quantized_original is not None:
             self._restore_quantized_weight()
 
@@ -275,20 +289,23 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         if not (self.training and torch.is_grad_enabled()):
             return
         for name in names:
-            if self.needs_calibration.get(name) and self.sparse_delta_values[name].requires_grad:
+            if self.needs_calibration.get(name) and self.support_values[name].requires_grad:
                 raise CalibrationRequiredError(
                     f"Adapter '{name}' uses a gradient-based selection but no calibration has run: call "
                     "sparse_peft.select_masks(model, batches) before training."
                 )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters and self.merged:
             self.unmerge()  # as LoRA does: disabled means the base output, also after merge_adapter()
+        if adapter_names is not None and not self.disable_adapters:
+            return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
         fused = self._fusable_adapter()
         active = (
             []
             if (self.disable_adapters or self.merged)
-            else [a for a in self.active_adapters if a in self.sparse_delta_values]
+            else [a for a in self.active_adapters if a in self.support_values]
         )
         if not active:
             return self.base_layer(x, *args, **kwargs)
@@ -297,10 +314,16 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
             return self._fused_forward(fused, x)
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
-            values = self.delta_values(name)
-            delta = self._delta_forward(name, self._cast_input_dtype(x, values.dtype), values)
-            result = result + delta.to(result.dtype)
+            result = result + self.adapter_output(name, x).to(result.dtype)
         return result
+
+    def holds_adapter(self, name: str) -> bool:
+        return name in self.support_values
+
+    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The delta's own output for input ``x`` (the separate path; mixed-adapter batches use it per row group)."""
+        values = self.delta_values(name)
+        return self._delta_forward(name, self._cast_input_dtype(x, values.dtype), values)
 
     def _fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Base matmul with adapter ``name`` written into the weight only inside the kernels."""
@@ -309,8 +332,8 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
             self._cast_input_dtype(x, base.weight.dtype),
             base.weight,
             base.bias,
-            self.sparse_delta_values[name],
-            self.sparse_delta_indices[name],
+            self.support_values[name],
+            self.support_indices[name],
             self.scaling[name],
             self.fan_in_fan_out,
             **self._structure(name),
@@ -323,7 +346,7 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
     def _delta_forward(self, name: str, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """The delta's own output (separate path); structured subclasses compute it densely on their slice."""
         return triton_ops.sparse_delta_linear(
-            x, values, self.sparse_delta_indices[name], self.storage_shape, self.fan_in_fan_out
+            x, values, self.support_indices[name], self.storage_shape, self.fan_in_fan_out
         )
 
     def __repr__(self) -> str:
@@ -336,3 +359,19 @@ class SparseDeltaLinear(SparseDeltaLayer):
     PEFT recognises already-adapted linear layers (e.g. for ``target_modules="all-linear"`` on a second adapter)
     by "Linear" in the wrapper's class name, hence this name.
     """
+
+
+PEFT_PREFIX = "base_model.model."
+"""What a PeftModel puts before the base model's module names."""
+
+
+def sparse_delta_layers(
+    model: nn.Module, adapter_name: str | None = None, kind: type[SparseDeltaLayer] = SparseDeltaLayer
+) -> dict[str, Any]:
+    """The sparse-delta layers (S2FT's too; ``kind`` narrows the type) of a model or PeftModel, keyed by their name
+    in the base model; with ``adapter_name``, only those carrying that adapter."""
+    return {
+        name.removeprefix(PEFT_PREFIX): module
+        for name, module in model.named_modules()
+        if isinstance(module, kind) and (adapter_name is None or adapter_name in module.support_values)
+    }

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ...index_codec import decode_indices, encode_indices
 from ...indices import (
@@ -20,19 +21,13 @@ from ...indices import (
     integrity_header,
     validate_indices,
 )
+from .._base_layers import check_supported, stores_in_out
+from .._mixed_batch import adapter_names_hooks
+from .._support import initial_indices, module_seed
 from .._twin import twin_adapter
-from .adapter_file import PEFT_PREFIX, InjectionUndo, ModuleRecord, read_adapter_file, take_weights_file
+from .adapter_file import InjectionUndo, ModuleRecord, read_adapter_file, take_weights_file
 from .config import SparseDeltaConfig
-from .layer import SparseDeltaLayer, SparseDeltaLinear
-
-SUPPORTED_LAYERS = "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear4bit / Linear8bitLt"
-
-
-def _is_supported_base(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear | Conv1D):
-        return True
-    backend = resolve_quantization_backend(module)
-    return backend is not None and backend.layer_type == "linear"
+from .layer import PEFT_PREFIX, SparseDeltaLayer, SparseDeltaLinear, sparse_delta_layers
 
 
 class SparseDeltaModel(BaseTuner):
@@ -46,6 +41,7 @@ class SparseDeltaModel(BaseTuner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._loading: dict[str, dict[str, ModuleRecord]] = {}  # adapter -> the checked file it is injected from
+        self._injected_records: dict[str, dict[str, ModuleRecord]] = {}  # ... kept for the state-dict load that follows
         super().__init__(*args, **kwargs)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
@@ -63,6 +59,7 @@ class SparseDeltaModel(BaseTuner):
         try:  # each injected module's record is checked as its layer is created (_loaded_support)
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             self._covered_layers(model, adapter_name, records, where)
+            self._injected_records[adapter_name] = records
         except Exception:
             undo(adapter_name)
             raise
@@ -74,7 +71,9 @@ class SparseDeltaModel(BaseTuner):
         records = self._loading.get(adapter_name)
         if records is None or key not in records:
             return None
-        return self._check_record(layer, records[key], f"{self.prefix[:-1]} adapter '{adapter_name}', module '{key}'")
+        record = records[key]
+        record.checked = self._check_record(layer, record, f"{self.prefix[:-1]} adapter '{adapter_name}', module '{key}'")
+        return record.checked
 
     def _create_and_replace(
         self,
@@ -86,8 +85,6 @@ class SparseDeltaModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        from ...selection import initial_indices, module_seed
-
         if current_key is None:
             raise ValueError("sparse_delta: current_key must not be None")
         if isinstance(target, SparseDeltaLayer):
@@ -100,8 +97,8 @@ class SparseDeltaModel(BaseTuner):
         values = None
         loaded = self._loaded_support(adapter_name, current_key, layer)
         if twin is not None:  # e.g. TRL's "ref" adapter: start as an exact copy of the adapter it was made from
-            indices = layer.sparse_delta_indices[twin].clone()
-            values = layer.sparse_delta_values[twin].detach().clone()
+            indices = layer.support_indices[twin].clone()
+            values = layer.support_values[twin].detach().clone()
         elif loaded is not None:
             indices = loaded
         else:
@@ -125,23 +122,24 @@ class SparseDeltaModel(BaseTuner):
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, target)
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Mixed-adapter batches (``adapter_names=[...]``), as PEFT's LoRA (see :mod:`.._mixed_batch`)."""
+        with adapter_names_hooks(self, self.tuner_layer_cls, set(self.peft_config), **kwargs):
+            yield
+
     def _twin_adapter(
         self, config: SparseDeltaConfig, adapter_name: str, layer: SparseDeltaLayer
     ) -> str | None:
         """The adapter a new one must copy (TRL's reference adapter; see :func:`twin_adapter`)."""
-        return twin_adapter(self.peft_config, config, adapter_name, layer.sparse_delta_indices)
+        return twin_adapter(self.peft_config, config, adapter_name, layer.support_indices)
 
     @staticmethod
     def _create_new_module(
         config: SparseDeltaConfig, adapter_name: str, target: nn.Module
     ) -> SparseDeltaLayer:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not _is_supported_base(base):
-            raise TypeError(
-                f"sparse_delta cannot adapt a {type(base).__module__}.{type(base).__name__}; supported layers are "
-                f"{SUPPORTED_LAYERS}. Adjust `target_modules` / `exclude_modules`."
-            )
-        fan_in_fan_out = isinstance(base, Conv1D)  # the storage layout decides, per layer; the config is not mutated
+        base = check_supported(target, "sparse_delta")
+        fan_in_fan_out = stores_in_out(base)  # the storage layout decides, per layer; the config is not mutated
         if config.fan_in_fan_out and not fan_in_fan_out:
             warnings.warn(
                 f"fan_in_fan_out=True but {type(base).__name__} stores (out, in); using False for it.", stacklevel=3
@@ -178,14 +176,18 @@ class SparseDeltaModel(BaseTuner):
     @classmethod
     def _apply_support(cls, layer: SparseDeltaLayer, adapter_name: str, support: torch.Tensor,
                        values: torch.Tensor) -> None:
-        if support.numel() != layer.sparse_delta_values[adapter_name].numel():
+        if support.numel() != layer.support_values[adapter_name].numel():
             layer.set_adapter_indices(adapter_name, support.to(layer._weight_device()))
         layer.needs_calibration[adapter_name] = False
 
     @classmethod
-    def _records(cls, tensors: dict[str, torch.Tensor], where: str) -> dict[str, ModuleRecord]:
+    def _records(
+        cls, tensors: dict[str, torch.Tensor], where: str, reuse: dict[str, ModuleRecord] | None = None
+    ) -> dict[str, ModuleRecord]:
         """Group a checkpoint's tensors of this method by module (keys without the adapter name). Tensors of other
-        kinds (``modules_to_save`` etc.) are PEFT's; an unknown tensor of this method is refused."""
+        kinds (``modules_to_save`` etc.) are PEFT's; an unknown tensor of this method is refused. A module whose
+        tensors are exactly those of its ``reuse`` record (the same file, read again by PEFT) reuses that record,
+        already decoded and checked."""
         header_name = cls.prefix + "header"
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
@@ -203,8 +205,12 @@ class SparseDeltaModel(BaseTuner):
                 )
             if cls.values_name not in found:
                 raise InvalidSparseIndicesError(f"{module_where}: the adapter file has no values for this module.")
+            previous = (reuse or {}).get(module_key.removeprefix(PEFT_PREFIX))
+            if previous is not None and previous.same_tensors(found):
+                records[previous.module] = previous
+                continue
             support = cls._decode_support(found, module_where)
-            record = ModuleRecord(module_key, support, found[cls.values_name], found.get(header_name))
+            record = ModuleRecord(module_key, support, found[cls.values_name], found.get(header_name), found)
             records[record.module] = record
         return records
 
@@ -214,8 +220,7 @@ class SparseDeltaModel(BaseTuner):
     ) -> dict[str, SparseDeltaLayer]:
         """The layers carrying ``adapter_name``, by module name, after checking that the file has tensors for
         exactly these modules."""
-        layers = {name.removeprefix(PEFT_PREFIX): module for name, module in model.named_modules()
-                  if isinstance(module, cls.tuner_layer_cls) and adapter_name in module.sparse_delta_values}
+        layers = sparse_delta_layers(model, adapter_name, kind=cls.tuner_layer_cls)
         missing, extra = sorted(set(layers) - set(records)), sorted(set(records) - set(layers))
         if missing:
             raise InvalidSparseIndicesError(
@@ -236,8 +241,11 @@ class SparseDeltaModel(BaseTuner):
         """Check that the file covers exactly the layers carrying ``adapter_name`` and that every module passes
         :meth:`_check_record`; change nothing. Returns (layer, record, canonical support) per module."""
         layers = cls._covered_layers(model, adapter_name, records, where)
-        return [(layer, records[name], cls._check_record(layer, records[name], f"{where}, module '{name}'"))
-                for name, layer in layers.items()]
+        return [
+            (layer, records[name], records[name].checked if records[name].checked is not None
+             else cls._check_record(layer, records[name], f"{where}, module '{name}'"))
+            for name, layer in layers.items()
+        ]
 
     @classmethod
     def _get_adapter_state_dict(
@@ -251,8 +259,7 @@ class SparseDeltaModel(BaseTuner):
         """Next to each module's support and values the file gets an integrity header (``<prefix>header``: the
         weight's shape and CRC-32s of support and values); the support is stored by :meth:`_encode_support`."""
         saved = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        layers = {name.removeprefix(PEFT_PREFIX): m for name, m in model.named_modules()
-                  if isinstance(m, cls.tuner_layer_cls)}
+        layers = sparse_delta_layers(model, kind=cls.tuner_layer_cls)
         marker = f".{cls.support_name}."
         compact = {}
         for key, value in saved.items():
@@ -278,7 +285,8 @@ class SparseDeltaModel(BaseTuner):
         """Validate every module against its layer before anything touches the model, then give each layer the
         file's support; PEFT copies the values. A bad module raises and leaves every layer as it was."""
         where = f"{cls.prefix[:-1]} adapter '{adapter_name}'"
-        records = cls._records(state_dict, where)
+        injected = getattr(getattr(model, "base_model", None), "_injected_records", {}).pop(adapter_name, None)
+        records = cls._records(state_dict, where, reuse=injected)  # right after a load: decoded and checked once
         checked = cls._checked_supports(model, adapter_name, records, where)
         plain = {k: v for k, v in state_dict.items() if not k.rpartition(".")[2].startswith(cls.prefix)}
         for _, record, support in checked:
