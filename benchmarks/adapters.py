@@ -13,12 +13,10 @@ method at LoRA-equivalent budget r, and measures (one process, one torch thread,
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime as dt
 import json
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .report import median_seconds, section_arguments
 from .train_step import BLOCK_LINEARS, SIZES, ModelSpec
 
 DOC = Path("docs/adapters.json")
@@ -70,15 +69,6 @@ def _configs(r: int, model: nn.Module) -> dict[str, tuple[str, Callable[[int], A
     }
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times)
-
-
 def measure(spec: ModelSpec, r: int, repeats: int) -> dict[str, Any]:
     from peft import PeftModel, get_peft_model
     from peft.utils.hotswap import hotswap_adapter
@@ -113,13 +103,13 @@ def measure(spec: ModelSpec, r: int, repeats: int) -> dict[str, Any]:
                         model.merge_adapter()
                         state["active"] = nxt
 
-                    record["switch_s"] = _timed(switch, repeats)
+                    record["switch_s"] = median_seconds(switch, repeats)
                     model.unmerge_adapter()
                     if name != "lora":  # AdapterSwitcher's switch plan: two index copies per weight
                         switcher = AdapterSwitcher(model)
                         for warm in ("a", "b"):  # plans are made at the first activation
                             switcher.activate(warm)
-                        record["plan_switch_s"] = _timed(
+                        record["plan_switch_s"] = median_seconds(
                             lambda s=switcher: s.activate("a" if s.active == "b" else "b"), repeats
                         )
                         nnz = sum(e.indices.numel() for plan in switcher._plans.values() for e in plan or ())
@@ -135,7 +125,7 @@ def measure(spec: ModelSpec, r: int, repeats: int) -> dict[str, Any]:
                     if name == "lora":
                         loaded.unmerge_adapter()  # PEFT hot-swaps unmerged LoRA weights only
                         target = str(Path(tmp) / name / "b")
-                        record["hotswap_s"] = _timed(
+                        record["hotswap_s"] = median_seconds(
                             lambda m=loaded, t=target: hotswap_adapter(m, t, "default"), repeats
                         )
                     del loaded, fresh
@@ -147,7 +137,7 @@ def measure(spec: ModelSpec, r: int, repeats: int) -> dict[str, Any]:
         base(input_ids=ids).logits[:, -1].argmax(-1)
         base_forward = time.perf_counter() - tick
     big, into = torch.ones(2**24), torch.zeros(2**24)  # 64 MiB each: the copy bandwidth the switch is compared with
-    copy_s = _timed(lambda: into.copy_(big), max(repeats, 3))
+    copy_s = median_seconds(lambda: into.copy_(big), max(repeats, 3))
     return {
         "results": results,
         "copy_bytes_per_s": 2 * big.numel() * 4 / copy_s,  # read + write
@@ -224,10 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .__main__ import machine_info
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, few repeats (smoke test)")
-    parser.add_argument("--out", default=str(DOC), help="JSON file to write (default: docs/adapters.json)")
-    args = parser.parse_args(argv)
+    args = section_arguments(__doc__.splitlines()[0], DOC, argv)
     size, r, repeats = ("quick", 8, 2) if args.quick else ("100m", 16, 5)
     data = measure(SIZES[size], r, repeats)
     info = machine_info("cpu")

@@ -9,19 +9,16 @@ model alone on the same batch is the reference. Medians of repeats; ratios matte
 
 from __future__ import annotations
 
-import argparse
 import copy
 import shlex
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.report import save_section
+from benchmarks.report import median_seconds, save_section, section_arguments
 from benchmarks.train_step import BLOCK_LINEARS, SIZES
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "mixed_batch.json"
@@ -41,15 +38,6 @@ def _configs(r: int) -> dict[str, Callable[[int], Any]]:
     }
 
 
-def _median(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times)
-
-
 def measure(settings: dict[str, Any]) -> dict[str, Any]:
     from peft import get_peft_model
 
@@ -65,8 +53,8 @@ def measure(settings: dict[str, Any]) -> dict[str, Any]:
 
     def timings(model: Any, **names: Any) -> dict[str, float]:
         with torch.no_grad():
-            forward = _median(lambda: model(input_ids=ids, **names), settings["repeats"])
-            generate = _median(lambda: model.generate(input_ids=ids, **generation, **names), settings["repeats"])
+            forward = median_seconds(lambda: model(input_ids=ids, **names), settings["repeats"])
+            generate = median_seconds(lambda: model.generate(input_ids=ids, **generation, **names), settings["repeats"])
         return {"prefill_tokens_per_s": rows * prompt / forward, "generate_tokens_per_s": rows * new / generate}
 
     runs: list[dict[str, Any]] = [{"method": "base model", "adapters": 0, **timings(base)}]
@@ -126,10 +114,7 @@ def render(data: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
-    parser.add_argument("--out", default=str(OUT), help="JSON results (default: docs/mixed_batch.json)")
-    args = parser.parse_args(argv)
+    args = section_arguments(__doc__.splitlines()[0], OUT, argv)
     data = measure(QUICK if args.quick else FULL)
     data["command"] = shlex.join(["python", "-m", "benchmarks.mixed_batch", *argv])
     return save_section(data, Path(args.out), render)

@@ -60,6 +60,26 @@ def save_section(data: dict[str, Any], out: Path, render: Callable[[dict[str, An
     return 0
 
 
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` (CPU: no synchronisation needed)."""
+    import time
+
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
+
+
+def section_arguments(description: str, default_out: Path, argv: Sequence[str]) -> argparse.Namespace:
+    """The options every section benchmark takes: ``--quick`` (a smoke configuration) and ``--out`` (its JSON)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny model, few repeats (smoke test)")
+    parser.add_argument("--out", default=str(default_out), help=f"JSON file to write (default: {default_out})")
+    return parser.parse_args(argv)
+
+
 def plot_names(stem: str) -> tuple[str, str]:
     """The time and memory plot files of the report ``<stem>.md`` (one pair per report, side by side in docs/)."""
     return f"{stem}_time.png", f"{stem}_memory.png"

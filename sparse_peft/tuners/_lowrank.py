@@ -39,24 +39,40 @@ class SparseLowRankConfig(PeftConfig):
     """Fields shared by :class:`SoraConfig` and :class:`GroupSparseLoraConfig` (LoRA's names where they overlap).
 
     Args:
-        r: starting rank; the penalty then switches ranks (or groups) off.
-        lora_alpha: scaling numerator, the adapter output is multiplied by ``lora_alpha / r``.
-        target_modules: module names or a regex (or ``"all-linear"``); ``None`` uses PEFT's LoRA defaults.
-        exclude_modules: module names or a regex not to adapt.
-        lora_dropout: dropout on the adapter input.
-        fan_in_fan_out: ``True`` for layers storing ``(in, out)`` weights (GPT-2 ``Conv1D``; set automatically).
-        bias: ``"none"``, ``"all"`` or ``"<method>_only"``, as in LoRA.
-        modules_to_save: further modules trained in full and saved with the adapter (e.g. a classifier head).
-        init_weights: ``True``: B = 0 (and gates = 1), so the adapter starts as the identity; ``False``: random
-            (only for tests).
-        layers_to_transform / layers_pattern: restrict to some layer indices, as in LoRA.
-        sparse_lambda: penalty strength λ (at the first stage of the schedule). The proximal step shrinks by lr·λ
-            (groups: lr·λ·√|g|) per optimizer step while Adam moves a weight by about lr, so useful values are
-            O(0.1-1); see docs/sora_group_sparse.md for a sweep.
-        lambda_schedule: ``constant``, ``linear``, ``log_linear`` or ``exponential`` rise of λ over stages.
-        lambda_max: λ in the last stage (required unless the schedule is ``constant``).
-        lambda_num_stages: number of stages of the schedule.
-        lambda_stage_steps: optimizer steps per stage; ``None`` splits the Trainer's total steps evenly.
+        r (`int`, *optional*, defaults to `8`):
+            Starting rank; the penalty then switches ranks (or groups) off.
+        lora_alpha (`float`, *optional*, defaults to `8`):
+            Scaling numerator: the adapter output is multiplied by ``lora_alpha / r``.
+        target_modules (`list[str] | str | None`, *optional*, defaults to `None`):
+            Module names or a regex (or ``"all-linear"``); ``None`` uses PEFT's LoRA defaults for the architecture.
+        exclude_modules (`list[str] | str | None`, *optional*, defaults to `None`):
+            Module names or a regex not to adapt.
+        lora_dropout (`float`, *optional*, defaults to `0.0`):
+            Dropout on the adapter input.
+        fan_in_fan_out (`bool`, *optional*, defaults to `False`):
+            ``True`` for layers storing ``(in, out)`` weights (GPT-2 ``Conv1D``; set automatically).
+        bias (`str`, *optional*, defaults to `"none"`):
+            ``"none"``, ``"all"`` or ``"<method>_only"``, as in LoRA.
+        modules_to_save (`list[str] | None`, *optional*, defaults to `None`):
+            Further modules trained in full and saved with the adapter (e.g. a classifier head).
+        init_weights (`bool`, *optional*, defaults to `True`):
+            ``True``: B = 0 (and gates = 1), so the adapter starts as the identity; ``False``: random (tests only).
+        layers_to_transform (`list[int] | int | None`, *optional*, defaults to `None`):
+            Only these layer indices, as in LoRA.
+        layers_pattern (`list[str] | str | None`, *optional*, defaults to `None`):
+            Name of the layers' ``ModuleList``, as in LoRA.
+        sparse_lambda (`float`, *optional*, defaults to `0.1`):
+            Penalty strength λ (at the first stage of the schedule). The proximal step shrinks by lr·λ (groups:
+            lr·λ·√|g|) per optimizer step while Adam moves a weight by about lr, so useful values are O(0.1-1); see
+            docs/sora_group_sparse.md for a sweep.
+        lambda_schedule (`str`, *optional*, defaults to `"constant"`):
+            ``constant``, ``linear``, ``log_linear`` or ``exponential`` rise of λ over stages.
+        lambda_max (`float | None`, *optional*, defaults to `None`):
+            λ in the last stage (required unless the schedule is ``constant``).
+        lambda_num_stages (`int`, *optional*, defaults to `1`):
+            Number of stages of the schedule.
+        lambda_stage_steps (`int | None`, *optional*, defaults to `None`):
+            Optimizer steps per stage; ``None`` splits the Trainer's total steps evenly.
     """
 
     r: int = field(default=8, metadata={"help": "Starting rank."})

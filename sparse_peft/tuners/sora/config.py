@@ -19,39 +19,9 @@ class SoraConfig(SparseLowRankConfig):
     ``bias="sora_only"`` trains the wrapped layers' biases.
 
     Args:
-        r (`int`, *optional*, defaults to `8`):
-            Starting rank.
-        lora_alpha (`float`, *optional*, defaults to `8`):
-            The adapter output is scaled by lora_alpha / r.
-        target_modules (`list[str] | str | None`, *optional*, defaults to `None`):
-            Module names or regex to adapt; 'all-linear' for every linear layer.
-        exclude_modules (`list[str] | str | None`, *optional*, defaults to `None`):
-            Module names or regex to skip.
-        lora_dropout (`float`, *optional*, defaults to `0.0`):
-            Dropout on the adapter input.
-        fan_in_fan_out (`bool`, *optional*, defaults to `False`):
-            True for (in, out) weights such as GPT-2 Conv1D.
-        bias (`str`, *optional*, defaults to `'none'`):
-            'none', 'all' or '<method>_only'.
-        modules_to_save (`list[str] | None`, *optional*, defaults to `None`):
-            Other modules to train fully and save (e.g. a classification head).
-        init_weights (`bool`, *optional*, defaults to `True`):
-            False: random init, for tests only.
-        layers_to_transform (`list[int] | int | None`, *optional*, defaults to `None`):
-            Layer indices to adapt.
-        layers_pattern (`list[str] | str | None`, *optional*, defaults to `None`):
-            Name of the layer ModuleList.
-        sparse_lambda (`float`, *optional*, defaults to `0.1`):
-            Penalty strength λ (first stage). Each step shrinks by lr·λ while Adam moves a weight by about lr,
-            so useful values are O(0.1-1).
-        lambda_schedule (`Literal['constant', 'linear', 'log_linear', 'exponential']`, *optional*, defaults to `'constant'`):
-            How λ rises over stages: one of ('constant', 'linear', 'log_linear', 'exponential').
-        lambda_max (`float | None`, *optional*, defaults to `None`):
-            λ in the last stage.
-        lambda_num_stages (`int`, *optional*, defaults to `1`):
-            Number of stages of the λ schedule.
-        lambda_stage_steps (`int | None`, *optional*, defaults to `None`):
-            Optimizer steps per stage; None: split the training steps evenly.
+        **fields: every field is :class:`~sparse_peft.tuners._lowrank.SparseLowRankConfig`'s (``r``,
+            ``lora_alpha``, ``target_modules``, ``sparse_lambda``, the λ schedule, ...), shared with group-sparse
+            LoRA.
 
     Example:
 
