@@ -61,10 +61,10 @@ def measure(settings: dict[str, Any]) -> dict[str, Any]:
     for method, make in _configs(settings["r"]).items():
         most = max(settings["adapters"])
         model = get_peft_model(copy.deepcopy(base), make(0), adapter_name="adapter0")
+        params = model.get_nb_trainable_parameters()[0]  # of one adapter
         for i in range(1, most):
             model.add_adapter(f"adapter{i}", make(i))
         model.eval()
-        params = model.get_nb_trainable_parameters()[0] // most
         for n in settings["adapters"]:
             names = [f"adapter{i % n}" for i in range(rows)]
             runs.append({"method": method, "adapters": n, "params_per_adapter": params,
@@ -87,6 +87,7 @@ def render(data: dict[str, Any]) -> str:
         f"{s['new_tokens']} tokens with the KV cache. Medians of {s['repeats']} repeats. The base model alone: "
         f"{base['prefill_tokens_per_s']:,.0f} prefill / {base['generate_tokens_per_s']:,.1f} generated tokens/s.",
         "",
+        *([data["note"], ""] if data.get("note") else []),
         "| method | adapters in the batch | params / adapter | prefill tokens/s | vs LoRA | generate tokens/s | "
         "vs LoRA |",
         "|---|---:|---:|---:|---:|---:|---:|",

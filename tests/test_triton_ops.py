@@ -197,3 +197,21 @@ def test_triton_kernels_under_interpreter() -> None:
 @pytest.mark.skipif(NO_TRITON or not torch.cuda.is_available(), reason="needs triton and a CUDA GPU")
 def test_triton_kernels_compiled_on_cuda() -> None:
     _run_triton_cases(interpret=False)
+
+
+def test_spmm_structure_cache_follows_in_place_changes_of_the_support():
+    """The CSR structure is cached per indices tensor and version: an in-place reselection (dynamic masks) must
+    never reuse the old structure."""
+    shape = (6, 5)
+    indices = torch.tensor([0, 3, 7, 12, 29], dtype=torch.int32)
+    values = torch.arange(1.0, 6.0)
+    x = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+
+    def dense(idx: torch.Tensor) -> torch.Tensor:
+        weight = torch.zeros(30)
+        weight[idx.long()] = values
+        return x @ weight.view(shape).t()
+
+    torch.testing.assert_close(torch_ops.spmm(x, values, indices, shape, True), dense(indices))
+    indices.copy_(torch.tensor([1, 2, 8, 20, 25], dtype=torch.int32))
+    torch.testing.assert_close(torch_ops.spmm(x, values, indices, shape, True), dense(indices))

@@ -7,6 +7,7 @@ sorted unique flat indices ``idx`` (row-major, int32 or int64) and ``values`` of
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -48,15 +49,39 @@ def scatter_add_(
     return scatter_(target, indices, acc)
 
 
-def _csr(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+_STRUCTURES: dict[int, tuple[weakref.ref, int, tuple[int, int], torch.Tensor, torch.Tensor]] = {}
+"""id(indices) -> (the indices, their version, shape, row pointers, column ids). A support changes far less often
+than its values (never while serving; at a reselection during dynamic training), and building the CSR structure
+costs more than a product with a few tokens, so it is made once per indices tensor and version."""
+
+
+def _csr_structure(indices: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        version = indices._version
+    except RuntimeError:  # inference-mode tensors have no version counter: nothing safe to cache on
+        version = None
+    hit = _STRUCTURES.get(id(indices))
+    if version is not None and hit is not None and hit[0]() is indices and hit[1:3] == (version, shape):
+        return hit[3], hit[4]
     n_rows, n_cols = shape
     idx = indices.long()
     rows = torch.div(idx, n_cols, rounding_mode="floor")
     crow = torch.searchsorted(rows, torch.arange(n_rows + 1, device=idx.device))
+    col = idx % n_cols
+    if version is not None:
+        if len(_STRUCTURES) > 4096:  # drop the entries of freed index tensors
+            for key in [k for k, entry in _STRUCTURES.items() if entry[0]() is None]:
+                del _STRUCTURES[key]
+        _STRUCTURES[id(indices)] = (weakref.ref(indices), version, shape, crow, col)
+    return crow, col
+
+
+def _csr(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    crow, col = _csr_structure(indices, tuple(shape))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # contiguous values: unchecked CSR on CUDA reads them as dense memory (a strided view gave wrong sums)
-        return torch.sparse_csr_tensor(crow, idx % n_cols, values.contiguous(), shape, check_invariants=False)
+        return torch.sparse_csr_tensor(crow, col, values.contiguous(), shape, check_invariants=False)
 
 
 def sddmm(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
