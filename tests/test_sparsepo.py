@@ -146,3 +146,29 @@ def test_benchmark_section_renders_the_committed_results():
     assert data["command"] in text and data["machine"] in text and data["date"] in text
     for method in sparsepo.METHODS:
         assert f"| {method} |" in text
+
+
+def test_resuming_a_learned_mask_run_equals_the_uninterrupted_run(tmp_path):
+    """Adapter, learned mask networks and their optimizer state come back from the checkpoint: resuming at step 2 of
+    4 ends exactly where the uninterrupted run ends."""
+    settings = {"mask_type": "learned", "bf16": False, "max_steps": 4, "save_steps": 2, "save_strategy": "steps",
+                "seed": 0, "data_seed": 0, "learning_rate": 0.05}
+
+    def state(trainer: SparsePOTrainer) -> dict[str, torch.Tensor]:
+        tensors = {f"model.{k}": v for k, v in snapshot(trainer.model).items() if ".default" in k}
+        tensors.update({f"mask.{k}": v.detach().clone() for k, v in trainer.mask_networks.state_dict().items()})
+        return tensors
+
+    straight = make(tmp_path / "straight", "sparse_delta", **settings)
+    straight.train()
+    resumed = make(tmp_path / "resumed", "sparse_delta", **settings)
+    resumed.train()  # writes checkpoint-2 (and -4); resume a fresh trainer from step 2
+    again = make(tmp_path / "resumed", "sparse_delta", **settings)
+    again.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    expected, got = state(straight), state(again)
+    assert expected.keys() == got.keys() and any(k.startswith("mask.") for k in got)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    start = make(tmp_path / "start", "sparse_delta", **settings)
+    assert any(not torch.equal(start.mask_networks.state_dict()[k.removeprefix("mask.")], v)
+               for k, v in got.items() if k.startswith("mask."))  # the mask networks really trained

@@ -172,6 +172,9 @@ class SparsePOTrainer(DPOTrainer):
         if params and not any(p is params[0] for g in optimizer.param_groups for p in g["params"]):
             lr = self.args.mask_learning_rate or self.args.learning_rate
             optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+            # the Trainer zeroes only the model's gradients: without this the mask networks would step on the sum of
+            # every gradient since the start (and a resumed run, starting that sum afresh, would diverge)
+            optimizer.register_step_post_hook(lambda *_: self.mask_networks.zero_grad(set_to_none=True))
         return optimizer
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -145,17 +145,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--mask-type",
         choices=("activation", "learned", "ones"),
         default="activation",
-        help="sparsepo token mask (default activation)",
+        help="sparsepo: which completion tokens carry the reward and KL. activation: weights from the reference "
+        "model's hidden states (no parameters); learned: a small network on those hidden states, trained with the "
+        "adapter (saved in checkpoints, resumable); ones: every token, which is DPO (default activation)",
     )
     pref.add_argument(
         "--mask-sharing",
         choices=("shared", "independent"),
         default="shared",
-        help="sparsepo learned masks: one for reward and KL, or one each (default shared)",
+        help="sparsepo learned masks: one mask for reward and KL, or one each (default shared)",
     )
     pref.add_argument("--no-kl", action="store_true", help="sparsepo: drop the token-level KL term")
     pref.add_argument(
-        "--mask-l1", type=_non_negative, default=0.0, help="sparsepo: L1 weight on the masks (default 0)"
+        "--mask-l1",
+        type=_non_negative,
+        default=0.0,
+        help="sparsepo: L1 weight on the masks; larger values push more tokens' weights to zero (sparser masks, "
+        "the point of SparsePO); 0 leaves them dense (default 0)",
+    )
+    pref.add_argument(
+        "--mask-lr",
+        type=positive_float,
+        default=None,
+        help="sparsepo learned masks: learning rate of the mask networks (default: --lr)",
     )
     train.set_defaults(func=run)
 
@@ -355,6 +367,7 @@ def _trainer(args: argparse.Namespace, model_path: str, data: Any) -> Any:
             use_kl=not args.no_kl,
             mask_l1_reward=args.mask_l1,
             mask_l1_kl=args.mask_l1,
+            mask_learning_rate=args.mask_lr,
             **common,
         )
     trainer = cls(
