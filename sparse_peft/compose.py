@@ -83,12 +83,28 @@ def compose(
     seed: int = 0,
 ) -> str:
     """Add ``new_adapter_name``, the combination of ``adapter_names``' deltas by ``method`` (see the module
-    docstring), to ``model`` and return its name.
+    docstring), to ``model`` and return its name. The new adapter is added but not activated.
 
-    ``weights`` scale each delta (default 1; each input's own scaling is applied too). ``density`` is the fraction
-    of each delta's entries that ``magnitude_prune`` / ``ties`` keep and ``dare_*`` keep in expectation (default:
-    :data:`DEFAULT_TIES_DENSITY` for the trimming methods, 1.0 for ``sum``); ``seed`` seeds DARE's drop. The new
-    adapter is added but not activated (``model.set_adapter(new_adapter_name)`` to use it).
+    Args:
+        model (`PeftModel`): holds the adapters, all SPARSE_DELTA or all S2FT.
+        adapter_names (`Sequence[str]`): the adapters to combine.
+        weights (`Sequence[float]`, *optional*, defaults to `None`):
+            A factor per delta (default 1; each input's own scaling is applied too).
+        new_adapter_name (`str`, *optional*, defaults to `"composed"`): name of the result; must be new.
+        method (`str`, *optional*, defaults to `"sum"`):
+            ``sum``, ``magnitude_prune``, ``ties``, ``dare_linear`` or ``dare_ties``.
+        density (`float`, *optional*, defaults to `None`):
+            Fraction of each delta's entries that ``magnitude_prune`` / ``ties`` keep and ``dare_*`` keep in
+            expectation; ``None``: :data:`DEFAULT_TIES_DENSITY` for those, 1.0 for ``sum``.
+        seed (`int`, *optional*, defaults to `0`): seeds DARE's random drop.
+
+    Example:
+
+    ```py
+    >>> from sparse_peft import compose
+    >>> compose(model, ["reverse", "date"], method="ties", density=0.2, new_adapter_name="both")
+    >>> model.set_adapter("both")
+    ```
     """
     names = list(adapter_names)
     if len(names) < 1:

@@ -46,9 +46,19 @@ def extract_sparse_delta(
 ) -> PeftModel:
     """Return ``base_model`` wrapped as a PeftModel whose SPARSE_DELTA adapter holds the top ``|θ − θ₀|`` entries.
 
-    ``density``: fraction of each targeted matrix (``per_layer``) or of all targeted entries together
-    (``global``, which spends the budget where the fine-tune changed most). The report is available as
-    ``model.extraction_report`` (an :class:`ExtractionReport`).
+    Args:
+        base_model (`nn.Module`): the model before fine-tuning; it is wrapped (not copied).
+        finetuned_model (`nn.Module`): the fully fine-tuned model of the same architecture.
+        density (`float`, *optional*, defaults to `0.01`): fraction of each targeted matrix (``per_layer``) or of
+            all targeted entries together (``global``).
+        target_modules (`list[str] | str | None`, *optional*, defaults to `"all-linear"`): modules to extract.
+        budget (`str`, *optional*, defaults to `"per_layer"`): ``per_layer``, or ``global``, which spends the budget
+            where the fine-tune changed most.
+        adapter_name (`str`, *optional*, defaults to `"default"`): name of the extracted adapter.
+
+    Returns:
+        `PeftModel`: with ``model.extraction_report`` (an :class:`ExtractionReport`: relative error, nnz, changed
+        parameters outside the targets).
     """
     if budget not in ("per_layer", "global"):
         raise ValueError(f"extract_sparse_delta: budget must be 'per_layer' or 'global', got {budget!r}.")

@@ -64,17 +64,26 @@ def select_masks(
     loss_fn: Any = None,
     exclude: SparseMask | None = None,
 ) -> dict[str, int]:
-    """Select gradient-based masks (``gradient`` / ``snip``) of a sparse-delta adapter from calibration batches.
+    """Select the support of a data-driven sparse-delta adapter (``gradient``: largest accumulated ``|dL/dW|``;
+    ``snip``: largest ``|W·dL/dW|``) from calibration batches; for an S2FT adapter choose whole heads/channels by
+    ``activation`` or ``gradient`` scores instead. Values are reset to zero on the new support.
 
-    For an S2FT adapter it chooses whole heads/channels by ``activation`` or ``gradient`` scores instead.
+    Args:
+        model (`nn.Module`): the PeftModel holding the adapter.
+        batches (`Iterable`): model inputs (dicts with ``labels`` for causal LMs, or anything ``loss_fn(model, batch)``
+            understands); iterated once per pass, so pass a list or a re-iterable loader.
+        adapter_name (`str`, *optional*, defaults to `"default"`): the adapter to select for.
+        selection (`str`, *optional*, defaults to `None`): overrides the config's selection (e.g. re-select a random
+            adapter by gradient).
+        layers_per_pass (`int`, *optional*, defaults to `None`): layers that keep a dense score at once (default:
+            all); lower it to bound memory at the cost of more passes.
+        loss_fn (`Callable`, *optional*, defaults to `None`): ``loss_fn(model, batch) -> loss`` for batches without
+            labels.
+        exclude (`SparseMask`, *optional*, defaults to `None`): a support the new one must not touch (e.g.
+            ``SparseMask.from_model(model, "first_skill")``, so a second skill trains on disjoint entries).
 
-    ``batches``: an iterable of model inputs (dicts with ``labels`` for causal LMs, or anything ``loss_fn(model,
-    batch)`` understands). It is iterated once per pass, so pass a list or a re-iterable loader.
-    ``selection`` overrides the adapter config's selection (e.g. to re-select a random adapter by gradient).
-    ``layers_per_pass``: how many layers keep a dense score at once (default: all; lower it to bound memory).
-    ``exclude``: a support the new one must not touch (e.g. ``SparseMask.from_model(model, "first_skill")``, so a
-    second skill trains on entries disjoint from the first's and composes without overlap).
-    Values are reset to zero on the new support. Returns ``{module_name: k}`` for the re-selected layers.
+    Returns:
+        `dict[str, int]`: trainable entries per re-selected module.
     """
     config = getattr(model, "peft_config", {}).get(adapter_name)
     if isinstance(config, S2FTConfig):  # structured: whole heads / channels per block
