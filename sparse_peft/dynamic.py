@@ -13,7 +13,9 @@ transiently in a backward hook (one layer at a time; see :func:`sparse_peft.tune
 * ``momentum`` — SM3-style row and column accumulators (``O(rows + cols)`` per layer); an entry's score is
   ``min(row_i, col_j)``.
 
-Under ``torch.distributed`` rank 0's choice is broadcast, so every rank holds identical indices.
+Under ``torch.distributed`` rank 0's choice is broadcast, so every rank holds identical indices. Under FSDP2
+(``fully_shard``) the values and their optimizer state are sharded DTensors: a reselection works on their full
+tensors (gathered, identical on every rank) and writes each rank's shard back; the index buffers are not sharded.
 Use :class:`DynamicMasks` in a custom loop (``dyn.step()`` after each ``optimizer.step()``); the Trainer path is
 ``trainers.SparseUpdateCallback``.
 """
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .masks import sparse_delta_layers
 from .tuners._support import dense_grad_hooks
@@ -114,6 +117,20 @@ def _regrow_choice(
     return cands[torch.topk(scores, min(n, scores.numel())).indices]
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded DTensor (FSDP2) is gathered, a plain tensor is itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _assign(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Write ``full`` into ``target`` in place; a DTensor keeps its sharding and takes its own shard of ``full``."""
+    if isinstance(target, DTensor):
+        shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(shard.to_local())
+    else:
+        target.copy_(full)
+
+
 def _broadcast(indices: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(indices, src=0)
@@ -136,12 +153,17 @@ def replace_support(
         raise ValueError(f"replace_support: {new.numel()} new indices for {old.numel()} values.")
     pos = torch.searchsorted(old, new).clamp(max=max(old.numel() - 1, 0))
     kept = old[pos] == new
-    values.copy_(torch.where(kept, values[pos], torch.zeros_like(values)))
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        full = _full(tensor)
+        return torch.where(kept, full[pos], torch.zeros_like(full))
+
+    _assign(values, moved(values))
     layer.support_indices[adapter].copy_(new.to(layer.support_indices[adapter].dtype))
     state = getattr(optimizer, "state", {}).get(values, {}) if optimizer is not None else {}
-    for key, tensor in state.items():
+    for tensor in state.values():
         if isinstance(tensor, torch.Tensor) and tensor.shape == values.shape:
-            state[key] = torch.where(kept, tensor[pos], torch.zeros_like(tensor))
+            _assign(tensor, moved(tensor))
     return int((~kept).sum())
 
 
@@ -245,7 +267,7 @@ class DynamicMasks:
             n = grow.numel()
             new = active
             if n > 0:
-                drop = torch.topk(values.detach().abs().float(), n, largest=False).indices
+                drop = torch.topk(_full(values.detach()).abs().float(), n, largest=False).indices
                 keep = torch.ones_like(active, dtype=torch.bool)
                 keep[drop] = False
                 new = torch.cat([active[keep], grow.to(active.device)]).sort().values

@@ -139,3 +139,28 @@ def test_ddp_ranks_hold_identical_masks(tmp_path):
     assert ranks[0]["indices"][0] != ranks[0]["indices"][-1]  # the masks really moved
     for name, values in ranks[0]["values"].items():
         torch.testing.assert_close(torch.tensor(values), torch.tensor(ranks[1]["values"][name]))
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_values_reselect_identically_on_every_rank(tmp_path):
+    """Two gloo CPU processes with FSDP2 (``fully_shard``): values and Adam state are DTensors, yet every
+    reselection leaves identical indices and full values on both ranks, and training goes on."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(root / "tests/distributed/dynamic_fsdp_worker.py"), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["sharded"] for r in ranks)  # the values really were DTensors
+    assert len(ranks[0]["indices"]) == 3
+    assert ranks[0]["indices"] == ranks[1]["indices"]
+    assert ranks[0]["indices"][0] != ranks[0]["indices"][-1]  # the masks moved
+    assert ranks[0]["values"] == ranks[1]["values"]
+    assert all(v == v for r in ranks for v in r["losses"])  # finite (no NaN) after every reselection
