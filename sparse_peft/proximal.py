@@ -18,6 +18,7 @@ optimizer that keeps gates out of weight decay.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+FORWARDS_BEFORE_WARNING = 64
+"""Training forwards without a proximal step before :meth:`ProximalLayer.note_training_forward` warns (more than any
+usual gradient accumulation between two optimizer steps)."""
 LambdaScheduleKind = Literal["constant", "linear", "log_linear", "exponential"]
 LAMBDA_SCHEDULES: tuple[str, ...] = ("constant", "linear", "log_linear", "exponential")
 
@@ -173,6 +177,24 @@ class ProximalLayer:
     sparse_schedule: dict[str, LambdaSchedule]
     no_decay_layer_names: tuple[str, ...] = ()
     sparsity_unit: str = "groups"
+    _forwards_without_step: int = 0
+
+    def note_training_forward(self) -> None:
+        """Count training forwards since the last proximal step and warn once they pile up: nothing then enforces the
+        adapter's sparsity (a Trainer without ``sparse_peft.trainers.attach``/``install``, or a custom loop without
+        :func:`apply_proximal_step`), which would otherwise go unnoticed."""
+        if not (getattr(self, "training", False) and torch.is_grad_enabled()) or not self.proximal_adapters():
+            return
+        self._forwards_without_step += 1
+        if self._forwards_without_step == FORWARDS_BEFORE_WARNING:
+            warnings.warn(
+                f"{FORWARDS_BEFORE_WARNING} training forwards of a sparsity-penalised adapter (SoRA, group-sparse LoRA "
+                "or l1_lambda) without a proximal step: its penalty is not applied. Give the Trainer the callback "
+                "(`sparse_peft.trainers.attach(trainer)`, or `sparse_peft.trainers.install()` once) or call "
+                "`sparse_peft.proximal.apply_proximal_step` after each optimizer step.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @abstractmethod
     def proximal_step(self, adapter_name: str, lr: float, lam: float) -> None:
@@ -221,6 +243,7 @@ def apply_proximal_step(
     """
     used: dict[str, float] = {}
     for _, layer in _proximal_layers(model):
+        layer._forwards_without_step = 0
         for adapter in layer.proximal_adapters():
             lam = layer.sparse_schedule[adapter].value(step, total_steps)
             used[adapter] = lam

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -144,3 +145,24 @@ def test_default_callback_runs_the_proximal_hook():
     from sparse_peft.trainers import ProximalHook
 
     assert any(isinstance(h, ProximalHook) for h in SparseUpdateCallback().hooks)
+
+
+def test_training_without_any_proximal_step_warns_and_a_step_resets_the_count():
+    from peft import get_peft_model
+
+    from sparse_peft import SoraConfig
+    from sparse_peft.embedded.toy import tiny_llama
+    from sparse_peft.proximal import FORWARDS_BEFORE_WARNING, apply_proximal_step
+
+    model = get_peft_model(tiny_llama(0), SoraConfig(target_modules=["q_proj"], r=2)).train()
+    ids = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(FORWARDS_BEFORE_WARNING - 1):
+            model(input_ids=ids)
+        apply_proximal_step(model, lr=1e-3)  # a driven loop: the count starts again
+        for _ in range(FORWARDS_BEFORE_WARNING - 1):
+            model(input_ids=ids)
+        assert not [w for w in caught if "without a proximal step" in str(w.message)]
+        model(input_ids=ids)
+    assert [w for w in caught if "without a proximal step" in str(w.message)]  # one per penalised layer at most

@@ -293,6 +293,8 @@ class SparseLowRankLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is not None and not self.disable_adapters:
             return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
+        if self.training:
+            self.note_training_forward()
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

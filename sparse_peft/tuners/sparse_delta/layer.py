@@ -310,6 +310,8 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         self._check_calibrated(active)
+        if self.training and self.sparse_schedule:
+            self.note_training_forward()
         if fused is not None:
             return self._fused_forward(fused, x)
         result = self.base_layer(x, *args, **kwargs)
