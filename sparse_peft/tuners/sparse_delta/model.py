@@ -122,6 +122,10 @@ class SparseDeltaModel(BaseTuner):
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, target)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._injected_records.pop(adapter_name, None)
+
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Mixed-adapter batches (``adapter_names=[...]``), as PEFT's LoRA (see :mod:`.._mixed_batch`)."""
