@@ -108,3 +108,17 @@ def test_bad_adapter_names_are_refused_clearly(kind):
     model.merge_adapter()
     with pytest.raises(ValueError, match="merged"):
         model(ids, adapter_names=["one", "two"])
+
+
+def test_beam_search_expands_the_names_per_beam():
+    model = _model("sparse_delta_separate")
+    names = ["two", "__base__"]
+    prompts = torch.randint(0, VOCAB, (len(names), 5), generator=torch.Generator().manual_seed(7))
+    settings = {"max_new_tokens": 4, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
+    with torch.no_grad():
+        mixed = model.generate(input_ids=prompts, adapter_names=names, **settings)
+        model.set_adapter("two")
+        first = model.generate(input_ids=prompts[:1], **settings)
+        with model.disable_adapter():
+            second = model.generate(input_ids=prompts[1:], **settings)
+    assert torch.equal(mixed[:1], first) and torch.equal(mixed[1:], second)
