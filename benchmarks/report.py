@@ -24,7 +24,7 @@ OURS = ("sparse_delta_fused", "sparse_delta_separate", "sparse_delta_dynamic", "
 """Our sparse adapters: judged against the memory and time targets."""
 SECTIONS = ("adapters", "mixed_batch", "kernels", "quality", "composition", "sparsepo")
 """Other benchmark modules whose ``docs/<name>.json`` is rendered after the training-step tables, in this order."""
-RUN_SECTIONS = ("adapters", "kernels")
+RUN_SECTIONS = ("adapters", "mixed_batch", "kernels")
 """The sections ``python -m benchmarks`` measures itself (``benchmarks.quality``, ``benchmarks.composition`` and
 ``benchmarks.sparsepo`` run on their own: they train or evaluate for many minutes)."""
 LINKED_DOCS = (
