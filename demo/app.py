@@ -46,10 +46,17 @@ def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str | 
             base_text, _ = s.generate(prompt, BASE, max_new_tokens, do_sample, temperature, top_p, seed)
             text, switch_s = s.generate(prompt, adapter, max_new_tokens, do_sample, temperature, top_p, seed)
             switcher = s.switcher_for(adapter)
-            info = (
-                f"Adapter **{adapter}**; switch took {switch_s * 1e3:.2f} ms "
-                f"(last switch of this model: {switcher.last_switch_s * 1e3:.2f} ms)."
-            )
+            if do_sample:
+                info = (
+                    f"Adapter **{adapter}**; switch took {switch_s * 1e3:.2f} ms "
+                    f"(last switch of this model: {switcher.last_switch_s * 1e3:.2f} ms)."
+                )
+            else:
+                sizes = [n for b in s.batchers.values() for n in b.batch_sizes]
+                info = (
+                    f"Adapter **{adapter}**, greedy: answered in a mixed-adapter batch (each row its own adapter, no "
+                    f"weight switch); {len(sizes)} batches so far, up to {max(sizes, default=1)} requests in one."
+                )
             return base_text.strip(), text.strip(), info
         except Exception as exc:  # noqa: BLE001 - report, keep serving
             return "", "", _error_text(exc)

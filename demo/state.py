@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from peft import PeftConfig, PeftModel
 import sparse_peft  # noqa: F401 - registers the sparse adapter types
 from sparse_peft.hotswap import BASE, AdapterSwitcher
 from sparse_peft.masks import sparse_delta_layers
+
+from .batching import BatchedGreedy
 
 SPARSE_TYPES = ("SPARSE_DELTA", "S2FT")
 COMPOSE_METHODS = {
@@ -92,6 +95,8 @@ class DemoState:
     example_prompt: str | None = None
     example_prompts: dict[str, str] = field(default_factory=dict)  # adapter name -> a prompt it answers
     results: str = ""  # the quickstart's results table (markdown), when the manifest names one
+    batchers: dict[int, BatchedGreedy] = field(default_factory=dict)  # id(switcher) -> its greedy batcher
+    _batchers_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def load(cls, adapters_dir: str | Path, model: str | None = None) -> DemoState:
@@ -194,6 +199,10 @@ class DemoState:
         if do_sample:
             kwargs.update(temperature=float(temperature), top_p=float(top_p))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        if not do_sample:  # greedy: batched with whoever asks at the same time, each row with its own adapter
+            batcher = self._batcher(switcher, pad)
+            new_tokens, _ = batcher.generate(inputs["input_ids"][0].tolist(), adapter, int(max_new_tokens))
+            return self.tokenizer.decode(new_tokens, skip_special_tokens=True), 0.0
         with switcher.lock:
             switch_s = switcher.activate(adapter)
             with switcher.using(adapter) as model, torch.no_grad():
@@ -201,6 +210,13 @@ class DemoState:
                 out = model.generate(**inputs, pad_token_id=pad, **kwargs)
         text = self.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return text, switch_s
+
+    def _batcher(self, switcher: AdapterSwitcher, pad_token_id: int) -> BatchedGreedy:
+        with self._batchers_lock:
+            key = id(switcher)
+            if key not in self.batchers:
+                self.batchers[key] = BatchedGreedy(switcher, pad_token_id)
+            return self.batchers[key]
 
     def default_choice(self) -> tuple[str, str | None]:
         """The adapter the page opens with and a prompt it answers: the first skill adapter with an example
