@@ -41,6 +41,10 @@ class _Entry:
     merged: torch.Tensor  # the same entries with the (scaled) delta added, as merge() computes them
     version: int  # of the adapter's values when the plan was made: a trained adapter gets a new plan
 
+    def on_live_weight(self) -> bool:
+        """The layer still holds the weight storage this entry writes into (moving the model replaces it)."""
+        return self.layer.get_base_layer().weight.data_ptr() == self.flat_weight.data_ptr()
+
 
 def _switch_plan(model: PeftModel, name: str) -> list[_Entry] | None:
     """Per weight, what activating sparse adapter ``name`` writes; None when the fast path does not apply (other
@@ -122,17 +126,13 @@ class AdapterSwitcher:
     @staticmethod
     def _current(name: str, entry: _Entry) -> bool:
         """The plan entry still describes the layer: same weight storage, same adapter values."""
-        weight = entry.layer.get_base_layer().weight
-        return weight.data_ptr() == entry.flat_weight.data_ptr() and (
-            entry.layer.support_values[name]._version == entry.version
-        )
+        return entry.on_live_weight() and entry.layer.support_values[name]._version == entry.version
 
     def _plan_is_merged(self, name: str, plan: list[_Entry]) -> bool:
         """Whether ``name`` is merged exactly as its plan wrote it (nobody merged, unmerged or moved the weights
         behind our back); otherwise the layers' own unmerge restores it."""
         return all(
-            e.layer.merged_adapters == [name] and e.layer.get_base_layer().weight.data_ptr() == e.flat_weight.data_ptr()
-            for e in plan
+            e.layer.merged_adapters == [name] and e.on_live_weight() for e in plan
         )
 
     def _write(self, name: str, plan: list[_Entry], merge: bool) -> None:
