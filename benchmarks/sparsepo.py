@@ -1,25 +1,34 @@
-"""DPO vs SparsePO (activation and learned masks) on a preference task whose signal sits in one token.
+"""DPO vs SparsePO on the real base model, on a preference task where a few tokens inside a long shared completion
+decide each pair.
 
-Task (SparsePO's sentiment-control setting in miniature): a prompt of neutral words, then a completion of
-``length`` neutral words in which one position holds a sentiment word. Chosen completions carry a *positive* word,
-rejected ones the same completion with a *negative* word at that position, so only one token per pair carries the
-preference. The base is a tiny Llama first fine-tuned briefly on completions with random sentiment (so the
-reference prefers neither class). Each method then trains the same sparse-delta adapter through TRL for the same
-steps; the held-out metric is DPO's implicit reward margin ``β·[(log π − log π_ref)(chosen) − (…)(rejected)]``
-summed over all completion tokens (the same yardstick for every method), its accuracy, and, for SparsePO, the
-final reward-mask density (fraction of completion tokens with a non-zero mask).
+Task ("records"): the prompt gives a person and an ISO date of birth; the completion rewrites it as a record,
+``name=…; born=DD/MM/YYYY; from=…; status=ok; source=form``. The rejected completion is the same record with the
+date in the US order (``MM/DD/YYYY``): they differ in the few digit tokens of day and month; the text before is
+identical and the tail after is the same text under a different context. The reference is the embedded
+SmolLM2-135M-Instruct after a short SFT on records whose date order is right half of the time (a sparse delta
+merged into the weights), so it writes the format but picks the order at chance. Each method then trains the same
+sparse-delta adapter through TRL on the same pairs for the same steps. Held-out metrics, on the test split:
+**exact match** (greedy decoding writes the correct record and stops), DPO's implicit reward margin over all
+completion tokens (the same yardstick for every method), and the final reward-mask density for SparsePO. Each
+method's learning rate is chosen on the validation split (exact match, then margin), then 3 seeds run at it.
+The learned mask's L1 weight is swept separately (density against exact match). Peak memory: one process per
+method, the same batch, the peak resident set over the training steps (``VmHWM`` after a reset) minus the
+resident set before them.
 
-    python -m benchmarks.sparsepo            # full run (about 2 minutes on 2 CPU cores)
-    python -m benchmarks.sparsepo --quick    # smoke run
+    python -m benchmarks.sparsepo                 # the full run (about an hour on 2 CPU cores)
+    python -m benchmarks.sparsepo --quick         # smoke run (a few minutes)
+    python -m benchmarks.sparsepo --memory-only   # only the peak-memory probe
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,200 +41,323 @@ from benchmarks.report import mean_std, save_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "docs" / "sparsepo.json"
-NEUTRAL = [f"n{i}" for i in range(30)]
-POSITIVE = [f"p{i}" for i in range(8)]
-NEGATIVE = [f"q{i}" for i in range(8)]
-WORDS = ["<pad>", "<eos>", "<bos>", *NEUTRAL, *POSITIVE, *NEGATIVE]
-METHODS = {  # name -> SparsePOConfig overrides (None: TRL's DPOTrainer)
+METHODS: dict[str, dict[str, Any] | None] = {  # name -> SparsePOConfig overrides (None: TRL's DPOTrainer)
     "DPO": None,
     "SparsePO (activation)": {"mask_type": "activation"},
-    "SparsePO (learned)": {
-        "mask_type": "learned",
-        "mask_l1_reward": 0.01,
-        "mask_l1_kl": 0.01,
-        "mask_learning_rate": 2e-3,
-    },
+    "SparsePO (learned)": {"mask_type": "learned", "mask_learning_rate": 1e-3},
 }
+LEARNED = "SparsePO (learned)"
+FULL_LOGITS = "SparsePO (activation), full logits"  # memory probe only: the pre-chunking path, for comparison
 
 
-def tokenizer() -> Any:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+# ---------------------------------------------------------------------------------------------------- the task
+def _record(rng: random.Random) -> tuple[str, str, str]:
+    from sparse_peft.embedded.skills import WORDS
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
-    )
+    first, last, town = rng.sample(WORDS, 3)
+    year, month, day = rng.randrange(1950, 2010), rng.randrange(1, 13), rng.randrange(1, 29)
+    while day == month:  # the two orders must differ
+        day = rng.randrange(1, 29)
+    prompt = f"record: {first} {last}, born {year}-{month:02d}-{day:02d}, from {town} ->"
+    tail = f"/{year}; from={town}; status=ok; source=form"
+    chosen = f" name={first} {last}; born={day:02d}/{month:02d}{tail}"
+    rejected = f" name={first} {last}; born={month:02d}/{day:02d}{tail}"
+    return prompt, chosen, rejected
 
 
-def pairs(n: int, length: int, seed: int) -> list[dict[str, str]]:
-    """prompt/chosen/rejected rows: identical neutral completions except one positive vs negative word."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt = " ".join(rng.choices(NEUTRAL, k=3))
-        words = rng.choices(NEUTRAL, k=length)
-        slot = rng.randrange(length)
-        chosen, rejected = list(words), list(words)
-        chosen[slot], rejected[slot] = rng.choice(POSITIVE), rng.choice(NEGATIVE)
-        rows.append(
-            {"prompt": prompt, "chosen": " " + " ".join(chosen), "rejected": " " + " ".join(rejected)}
-        )
+def records(split: str, n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` distinct prompt/chosen/rejected rows of ``split`` (the skills' stable prompt-hash split)."""
+    from sparse_peft.embedded.skills import split_of
+
+    rng, rows, seen = random.Random(f"records/{split}/{seed}"), [], set()
+    while len(rows) < n:
+        prompt, chosen, rejected = _record(rng)
+        if prompt not in seen and split_of(prompt) == split:
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
 
 
-def base_model(settings: argparse.Namespace, folder: Path) -> Path:
-    """A tiny Llama fine-tuned on completions with random (balanced) sentiment, saved to ``folder``."""
-    import trl
+def reference_model(settings: argparse.Namespace, folder: Path) -> Path:
+    """The embedded model after a short SFT on records with a random date order, merged and saved to ``folder``."""
     from datasets import Dataset
+    from peft import get_peft_model
 
-    from sparse_peft.embedded.toy import tiny_llama
+    from sparse_peft import SparseDeltaConfig
+    from sparse_peft.embedded.finetune import finetune
+    from sparse_peft.embedded.pretrained import load_base_model
+    from sparse_peft.embedded.skills import exact_match
 
-    rows = pairs(256, settings.length, seed=10_000)
+    model, tok = load_base_model(progress=False)
+    rows = records("train", settings.sft_examples, seed=10_000)
     rng = random.Random(1)
-    text = [r["prompt"] + (r["chosen"] if rng.random() < 0.5 else r["rejected"]) for r in rows]
-    args = trl.SFTConfig(
-        output_dir=str(folder / "sft"), max_steps=settings.pretrain_steps, learning_rate=3e-3,
-        per_device_train_batch_size=16, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
-        bf16=False, max_length=32, seed=0,
-    )  # fmt: skip
-    trainer = trl.SFTTrainer(
-        model=tiny_llama(0, vocab_size=len(WORDS)), args=args, train_dataset=Dataset.from_dict({"text": text}),
-        processing_class=tokenizer(),
-    )  # fmt: skip
-    trainer.train()
-    trainer.model.save_pretrained(folder / "base")
-    return folder / "base"
+    completions = [r["chosen"] if rng.random() < 0.5 else r["rejected"] for r in rows]
+    train = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "completion": completions})
+    peft_model = get_peft_model(model, SparseDeltaConfig(target_modules="all-linear", r=16, seed=0))
+    finetune(peft_model, tok, train, steps=settings.sft_steps, lr=3e-3, batch_size=16, seed=0)
+    merged = peft_model.merge_and_unload()
+    held = records("validation", settings.eval_pairs, seed=999)
+    for key in ("chosen", "rejected"):  # the reference writes the format, either order about equally often
+        settings.reference[key] = exact_match(
+            merged, tok, [(r["prompt"], r[key]) for r in held], batch_size=64
+        )
+    print("reference exact match:", settings.reference, flush=True)
+    merged.save_pretrained(folder / "reference")
+    tok.save_pretrained(folder / "reference")
+    return folder / "reference"
 
 
+# ---------------------------------------------------------------------------------------------------- metrics
 @torch.no_grad()
-def heldout_margins(model: Any, tok: Any, rows: list[dict[str, str]], beta: float) -> list[float]:
-    """β·[(log π − log π_ref)(chosen) − (log π − log π_ref)(rejected)] per pair (reference = adapter disabled)."""
+def heldout(model: Any, tok: Any, rows: list[dict[str, str]], beta: float) -> dict[str, float]:
+    """Exact match of the chosen record under greedy decoding, the share choosing the right order, and the mean
+    implicit reward margin (reference = adapter disabled)."""
+    from sparse_peft.embedded.skills import completion_batch, exact_match
 
-    def completion_logp(completion_key: str) -> torch.Tensor:
-        prompts = [tok(r["prompt"])["input_ids"] for r in rows]
-        full = [p + tok(r[completion_key])["input_ids"] for p, r in zip(prompts, rows, strict=True)]
-        width = max(len(f) for f in full)
-        ids = torch.tensor([f + [tok.pad_token_id] * (width - len(f)) for f in full])
-        attention = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f in full])
-        mask = torch.zeros_like(ids, dtype=torch.float)
-        for i, (p, f) in enumerate(zip(prompts, full, strict=True)):
-            mask[i, len(p) : len(f)] = 1
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-        token = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        return (token * mask[:, 1:]).sum(dim=1)
+    def completion_logps() -> torch.Tensor:
+        out = []
+        for key in ("chosen", "rejected"):
+            batch = completion_batch(tok, [(r["prompt"], r[key]) for r in rows])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            token = (
+                logits[:, :-1].float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+            )
+            out.append((token * (labels != -100)).sum(dim=1))
+        return out[0] - out[1]
 
     model.eval()
-    policy = completion_logp("chosen") - completion_logp("rejected")
+    pairs = [(r["prompt"], r["chosen"]) for r in rows]
+    exact = exact_match(model, tok, pairs, batch_size=64)
+    policy = completion_logps()
     with model.disable_adapter():
-        reference = completion_logp("chosen") - completion_logp("rejected")
-    return (beta * (policy - reference)).tolist()
-
-
-def run_one(method: str, seed: int, base: Path, settings: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    import trl
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-
-    from sparse_peft import SparseDeltaConfig, trainers
-
-    tok = tokenizer()
-    train = Dataset.from_list(pairs(settings.train_pairs, settings.length, seed=seed))
-    common = dict(
-        output_dir=str(folder / f"{method}-{seed}"), max_steps=settings.steps, learning_rate=settings.lr,
-        per_device_train_batch_size=8, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
-        bf16=False, max_length=32, seed=seed, beta=settings.beta, logging_steps=max(settings.steps // 4, 1),
-    )  # fmt: skip
-    overrides = METHODS[method]
-    args = trl.DPOConfig(**common) if overrides is None else trainers.SparsePOConfig(**common, **overrides)
-    cls = trl.DPOTrainer if overrides is None else trainers.SparsePOTrainer
-    config = SparseDeltaConfig(target_modules="all-linear", density=0.05, seed=seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    trainer = cls(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=config)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    margins = heldout_margins(
-        trainer.model, tok, pairs(settings.eval_pairs, settings.length, seed=999), settings.beta
-    )
-    density = [log["mask/density"] for log in trainer.state.log_history if "mask/density" in log]
+        reference = completion_logps()
+    margins = beta * (policy - reference)
     return {
-        "method": method,
-        "seed": seed,
-        "heldout_margin": statistics.fmean(margins),
-        "heldout_accuracy": sum(m > 0 for m in margins) / len(margins),
-        "final_mask_density": density[-1] if density else None,
-        "train_seconds": round(seconds, 2),
+        "exact_match": exact,
+        "prefers_chosen": (policy > 0).float().mean().item(),
+        "margin": margins.mean().item(),
     }
 
 
+# ---------------------------------------------------------------------------------------------------- training
+def make_trainer(method: str, overrides: dict[str, Any], seed: int, lr: float, reference: Path,
+                 settings: argparse.Namespace, folder: Path, steps: int) -> Any:  # fmt: skip
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparse_peft import SparseDeltaConfig, trainers
+
+    tok = AutoTokenizer.from_pretrained(reference)
+    train = Dataset.from_list(records("train", settings.train_pairs, seed=seed))
+    common = dict(
+        output_dir=str(folder / f"run-{seed}"), max_steps=steps, learning_rate=lr,
+        per_device_train_batch_size=settings.batch_pairs, report_to=[], use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True, save_strategy="no", bf16=False, max_length=64, seed=seed, data_seed=seed,
+        beta=settings.beta, logging_steps=max(steps // 4, 1), lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+    )  # fmt: skip
+    spec = METHODS.get(method) if method != FULL_LOGITS else METHODS["SparsePO (activation)"]
+    spec = None if spec is None else {**spec, **overrides}
+    args = trl.DPOConfig(**common) if spec is None else trainers.SparsePOConfig(**common, **spec)
+    cls = trl.DPOTrainer if spec is None else trainers.SparsePOTrainer
+    config = SparseDeltaConfig(target_modules="all-linear", r=16, seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
+    return cls(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=config)
+
+
+def run_one(method: str, seed: int, lr: float, reference: Path, settings: argparse.Namespace, folder: Path,
+            splits: tuple[str, ...], overrides: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    torch.manual_seed(seed)
+    trainer = make_trainer(method, overrides or {}, seed, lr, reference, settings, folder, settings.steps)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    logs = trainer.state.log_history
+    density = [entry["mask/density"] for entry in logs if "mask/density" in entry]
+    mean_mask = [entry["mask/chosen_mean"] for entry in logs if "mask/chosen_mean" in entry]
+    run = {
+        "method": method, "seed": seed, "lr": lr, **(overrides or {}),
+        **{split: heldout(trainer.model, trainer.processing_class, records(split, settings.eval_pairs, seed=999),
+                          settings.beta) for split in splits},
+        "final_mask_density": density[-1] if density else None,
+        "final_mask_mean": mean_mask[-1] if mean_mask else None,
+        "step_seconds": round(seconds / settings.steps, 3),
+    }  # fmt: skip
+    print(json.dumps(run), flush=True)
+    return run
+
+
+def memory_probe(method: str, reference: Path, settings: argparse.Namespace) -> dict[str, float]:
+    """Peak resident memory of a few training steps (this process only; call it in a fresh process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if method == FULL_LOGITS:
+            from sparse_peft.trainers import SparsePOTrainer
+
+            SparsePOTrainer._hidden_state_path = lambda self, causal_lm: False  # the pre-chunking path
+        trainer = make_trainer(method, {}, 0, 1e-3, reference, settings, Path(tmp), settings.memory_steps)
+        trainer.create_optimizer_and_scheduler(settings.memory_steps)
+        before = _status_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident set
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        return {
+            "peak_mib": (_status_kib("VmHWM") - before) / 1024,
+            "step_seconds": seconds / settings.memory_steps,
+        }
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_table(reference: Path, settings: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each method's peak memory in its own process (allocator state from one run must not leak into the next)."""
+    rows = []
+    for method in [*METHODS, FULL_LOGITS]:
+        for repeat in range(settings.memory_repeats):
+            code = (
+                "import json, argparse, sys; from pathlib import Path; from benchmarks import sparsepo as s; "
+                f"print('RESULT', json.dumps(s.memory_probe({method!r}, Path({str(reference)!r}), "
+                f"argparse.Namespace(**{vars(settings)!r}))))"
+            )
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+            done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True,
+                                  text=True, check=False)  # fmt: skip
+            result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not result:
+                raise RuntimeError(f"memory probe of {method} failed:\n{done.stderr[-3000:]}")
+            rows.append(
+                {"method": method, "repeat": repeat, **json.loads(result[-1].removeprefix("RESULT "))}
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.sparsepo", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps and seeds")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: few steps, one seed, one learning rate"
+    )
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the peak-memory probe (updates the JSON)"
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method at its chosen lr (default 3)")
     parser.add_argument(
         "--out", type=Path, default=OUT, help=f"JSON output (default {OUT.relative_to(REPO_ROOT)})"
     )
     args = parser.parse_args(argv)
     settings = argparse.Namespace(
-        steps=8 if args.quick else 60,
-        pretrain_steps=10 if args.quick else 150,
-        lr=2e-2,
+        steps=4 if args.quick else 30,
+        sft_steps=6 if args.quick else 60,
+        sft_examples=64 if args.quick else 960,
+        lrs=[1e-3] if args.quick else [3e-4, 1e-3, 3e-3],
+        l1_weights=[0.01] if args.quick else [0.001, 0.01, 0.1],
         beta=0.1,
-        length=6,
-        train_pairs=64 if args.quick else 480,
-        eval_pairs=32 if args.quick else 128,
+        batch_pairs=4,
+        train_pairs=64 if args.quick else 240,
+        eval_pairs=32 if args.quick else 200,
+        memory_steps=2 if args.quick else 4,
+        memory_repeats=1 if args.quick else 2,
+        reference={},
     )
     seeds = list(range(1 if args.quick else args.seeds))
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    command = shlex.join(
+        ["python", "-m", "benchmarks.sparsepo", *(argv if argv is not None else sys.argv[1:])]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        base = base_model(settings, folder)
-        runs = [run_one(m, s, base, settings, folder) for m in METHODS for s in seeds]
-    data = {
-        "settings": vars(settings),
-        "seeds": seeds,
-        "runs": runs,
-        "command": shlex.join(
-            ["python", "-m", "benchmarks.sparsepo", *(argv if argv is not None else sys.argv[1:])]
-        ),
-    }
+        reference = reference_model(settings, folder)
+        if args.memory_only:
+            data = json.loads(args.out.read_text())
+            data["memory"], data["memory_command"] = memory_table(reference, settings), command
+            return save_section(data, args.out, render)
+        both = ("validation", "test")
+        sweep = [run_one(m, 0, lr, reference, settings, folder, both) for m in METHODS for lr in settings.lrs]
+        chosen = {m: max((r for r in sweep if r["method"] == m),
+                         key=lambda r: (r["validation"]["exact_match"], r["validation"]["margin"]))["lr"]
+                  for m in METHODS}  # fmt: skip
+        l1_sweep = [
+            run_one(LEARNED, 0, chosen[LEARNED], reference, settings, folder, both,
+                    {"mask_l1_reward": w, "mask_l1_kl": w})
+            for w in settings.l1_weights
+        ]  # fmt: skip
+        runs = [
+            r for r in sweep if r["lr"] == chosen[r["method"]]
+        ]  # seed 0 at the chosen lr, already evaluated
+        runs += [
+            run_one(m, s, chosen[m], reference, settings, folder, ("test",))
+            for m in METHODS
+            for s in seeds[1:]
+        ]
+        memory = memory_table(reference, settings)
+    data = {"settings": vars(settings), "seeds": seeds, "chosen_lr": chosen, "lr_sweep": sweep, "l1_sweep": l1_sweep,
+            "runs": runs, "memory": memory, "command": command, "memory_command": command}  # fmt: skip
     return save_section(data, args.out, render)
 
 
 def render(data: dict[str, Any]) -> str:
-    """Markdown section: per method, held-out margin / accuracy (mean ± std over seeds), ratio to DPO, density."""
-    runs = data["runs"]
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        by_method.setdefault(run["method"], []).append(run)
-    dpo = statistics.fmean(r["heldout_margin"] for r in by_method.get("DPO", runs))
+    """Markdown: the test table (mean ± std over seeds), the sweeps that chose the settings, and peak memory."""
     s = data["settings"]
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in data["runs"]:
+        by_method.setdefault(run["method"], []).append(run)
     lines = [
-        "## SparsePO vs DPO (token-level preference signal)",
+        "## SparsePO vs DPO on the real base model (records: the date order decides each pair)",
         "",
-        f"One sentiment word per {s['length']}-word completion decides each pair; sparse-delta adapter (density "
-        f"0.05) on a tiny Llama, {s['steps']} steps, β = {s['beta']}, {len(data['seeds'])} seed(s), "
-        f"{s['eval_pairs']} held-out pairs. Margin = β·(implicit reward of chosen − rejected), summed over all "
-        "completion tokens for every method; mask density = fraction of completion tokens with a non-zero reward "
-        "mask at the end of training.",
+        f"SmolLM2-135M-Instruct after a short SFT on records with a random date order (the reference); a sparse-delta "
+        f"adapter (r = 16 entries per row, all linear layers) trained {s['steps']} steps × {s['batch_pairs']} pairs, "
+        f"β = {s['beta']}, each method at its validation-chosen lr, {len(data['seeds'])} seeds, {s['eval_pairs']} "
+        "test prompts. Exact match: greedy decoding writes the correct record and stops. Prefers chosen: the policy's "
+        "log-likelihood of the chosen record beats the rejected one. Margin: β·implicit reward (chosen − rejected) "
+        "over all completion tokens. Mask density: completion tokens with a non-zero reward mask (end of training).",
         "",
-        "| method | held-out reward margin | ratio to DPO | held-out accuracy | mask density | train s |",
-        "|---|---|---|---|---|---|",
+        "| method | lr | exact match | prefers chosen | margin | mask density | mask mean | s / step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, rows in by_method.items():
-        margins = [r["heldout_margin"] for r in rows]
-        accs = [r["heldout_accuracy"] for r in rows]
         dens = [r["final_mask_density"] for r in rows if r["final_mask_density"] is not None]
-        ratio = statistics.fmean(margins) / dpo if dpo else float("nan")
+        means = [r["final_mask_mean"] for r in rows if r.get("final_mask_mean") is not None]
+        test = [r["test"] for r in rows]
         lines.append(
-            f"| {method} | {mean_std(margins, '.3f')} | {ratio:.2f}× | {mean_std(accs, '.3f')} | "
-            f"{mean_std(dens, '.3f') if dens else '—'} | {statistics.fmean(r['train_seconds'] for r in rows):.1f} |"
+            f"| {method} | {rows[0]['lr']:g} | {mean_std([t['exact_match'] for t in test], '.1%')} | "
+            f"{mean_std([t['prefers_chosen'] for t in test], '.1%')} | {mean_std([t['margin'] for t in test], '.3f')} | "
+            f"{mean_std(dens, '.2f') if dens else '—'} | {mean_std(means, '.2f') if means else '—'} | "
+            f"{statistics.fmean(r['step_seconds'] for r in rows):.2f} |"
         )
+    lines += ["", "Learning-rate sweep (validation split, seed 0):", "",
+              "| method | lr | exact match | margin |", "|---|---|---|---|"]  # fmt: skip
+    for r in data["lr_sweep"]:
+        v = r["validation"]
+        lines.append(f"| {r['method']} | {r['lr']:g} | {v['exact_match']:.1%} | {v['margin']:.3f} |")
+    lines += ["", "Learned mask: L1 weight (λ_u = λ_d) against density (validation split, seed 0):", "",
+              "| L1 weight | mask density | mask mean | exact match | margin |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in data["l1_sweep"]:
+        lines.append(
+            f"| {r.get('mask_l1_reward', 0):g} | {r['final_mask_density']:.2f} | {r['final_mask_mean']:.2f} | "
+            f"{r['validation']['exact_match']:.1%} | {r['validation']['margin']:.3f} |"
+        )
+    if data.get("memory"):
+        peaks: dict[str, list[float]] = {}
+        for r in data["memory"]:
+            peaks.setdefault(r["method"], []).append(r["peak_mib"])
+        dpo = statistics.fmean(peaks["DPO"])
+        lines += ["", f"Peak memory of {s['memory_steps']} training steps ({s['batch_pairs']} pairs per step, fp32, "
+                  "one process per method and repeat; resident-set peak minus the resident set before training):", "",
+                  "| method | peak MiB | ratio to DPO |", "|---|---|---|"]  # fmt: skip
+        for method, values in peaks.items():
+            lines.append(f"| {method} | {mean_std(values, '.0f')} | {statistics.fmean(values) / dpo:.2f}× |")
+        lines += ["", f"Memory command: `{data['memory_command']}`."]
     lines += ["", f"Command: `{data['command']}` — {data['machine']}, {data['date']}.", ""]
     return "\n".join(lines)
 

@@ -3,25 +3,35 @@
 Per completion token ``t`` (positions shifted as for the log-probs): ``r_t = log π(y_t) − log π_ref(y_t)`` and
 ``k_t = KL(π_ref(·|y_<t) ‖ π(·|y_<t))`` over the vocabulary. With token masks ``m_u`` (reward) and ``m_d`` (KL):
 
-    u = Σ m_u·r (chosen) − Σ m_u·r (rejected),   d = Σ m_d·k (chosen) − Σ m_d·k (rejected)
-    L = −log σ(β(u − d)) + λ_u·mean(m_u) + λ_d·mean(m_d)
+    u = Σ m_u·r (chosen) − Σ m_u·r (rejected),   d = Σ m_d·k (rejected) − Σ m_d·k (chosen)
+    L = −log σ(β(u − d)) + λ_u·Σ m_u + λ_d·Σ m_d      (L1 sums per completion, averaged over the batch)
+
+``d`` is TDPO's sequential-KL difference (rejected minus chosen), the sign the SparsePO authors' code uses
+(``huawei-noah/HEBO``, ``SparsePO/src/trainers/sparse_trainer.py``: their token term is ``−k_t``, chosen minus
+rejected). With one shared learned mask the two L1 weights are averaged, as in their code.
 
 Masks come from the reference model's hidden states, so they cost one ``output_hidden_states`` on the reference
 forward that DPO runs anyway:
 
 * ``activation``: mean hidden activation over layers and features, z-normalised over each completion, min–max
   scaled to [0, 1] and detached (no parameters);
-* ``learned``: per layer ``LayerNorm → Linear(h, 1) → ReLU``, mixed across layers by ``Linear(L, 1) → ReLU``; one
-  network shared by the reward and KL masks or one each (``mask_sharing``); trained with the adapter;
+* ``learned``: a shared ``LayerNorm``, then per layer ``Linear(h, 1) → ReLU``, mixed across layers by a bias-free
+  ``Linear(L, 1) → ReLU`` (the authors' ``SimpleMaskAllLayers``); one network shared by the reward and KL masks or
+  one each (``mask_sharing``); trained with the adapter;
 * ``ones``: every mask is 1 — with ``use_kl=False`` this is exactly DPO's sigmoid loss (the ablation and the test).
 
-The KL term needs the full logits of both models (the fused LM head only yields the label's log-prob), so this
-trainer runs the plain forward; memory is that of DPO without ``fused_lm_head``.
+Memory: like TRL's fused LM head, the ``(batch, T, vocab)`` logits are never built. Both forwards stop at the
+backbone's last hidden state (``logits_to_keep=1``); the label log-probs and the full-vocabulary KL are computed from
+it over the completion positions only, a few rows at a time, each chunk recomputed in backward
+(:func:`completion_token_terms`), so peak memory is DPO's plus one chunk of logits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,16 +40,21 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .callbacks import SparseUpdateCallback
 
-__all__ = ["MaskNetwork", "SparsePOConfig", "SparsePOTrainer", "activation_mask"]
+__all__ = ["MaskNetwork", "SparsePOConfig", "SparsePOTrainer", "activation_mask", "completion_token_terms"]
 
 MASK_TYPES = ("activation", "learned", "ones")
 MASK_FILE = "sparsepo_masks.pt"
+LOGIT_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32): rows per chunk = this // vocabulary size
+# configs whose LM head output is rescaled in ways the hidden-state path does not reproduce: such models fall back
+# to scoring their own full logits (correct, at the old memory cost)
+_UNHANDLED_LOGIT_SCALING = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 @dataclass
@@ -50,8 +65,9 @@ class SparsePOConfig(DPOConfig):
         mask_type: ``activation`` (reference activations), ``learned`` (mask network) or ``ones`` (plain DPO).
         mask_sharing: for ``learned``: ``shared`` (one mask for reward and KL) or ``independent`` (one each).
         use_kl: include the token-level KL term ``d``.
-        mask_l1_reward: λ_u, L1 weight on the reward mask (mean mask value per completion token).
-        mask_l1_kl: λ_d, L1 weight on the KL mask.
+        mask_l1_reward: λ_u, L1 weight on the reward mask (its sum over each completion, averaged over the batch;
+            the authors' scale, so their settings, e.g. 0.001, carry over).
+        mask_l1_kl: λ_d, L1 weight on the KL mask (a shared mask pays the mean of the two weights).
         mask_learning_rate: learning rate of the mask network (default: ``learning_rate``).
     """
 
@@ -112,34 +128,97 @@ def activation_mask(hidden_states: tuple[torch.Tensor, ...], completion: torch.T
 
 
 class MaskNetwork(nn.Module):
-    """Learned SparsePO mask: per layer ``LayerNorm → Linear(h, 1) → ReLU``, then ``Linear(L, 1) → ReLU``.
+    """Learned SparsePO mask: a shared ``LayerNorm``, per layer ``Linear(h, 1) → ReLU``, then a bias-free
+    ``Linear(L, 1) → ReLU`` over the layers.
 
-    Initialised so every token starts with weight ≈ 1 (the DPO starting point): per-layer bias 1 with small
-    weights, and mixing weights 1/L.
+    Per-layer units are initialised as the authors' network ends up (transformers' init: weights N(0, 0.02),
+    biases 0): zero-centred pre-activations, so each layer's ReLU zeroes a token-dependent share of tokens from the
+    first step, and L1 can then silence tokens one by one (a mask initialised near 1 everywhere stayed at density
+    1.0 for every L1 weight tried). One difference: the mixing weights start at ``|N(0, 0.02)|``, not signed, so a
+    token's mask is 0 only when all its layers are; with signed weights a small model's mask can start at 0 on
+    every token (no signal, no gradient, nothing trains: seen on a 2-layer model).
     """
 
     def __init__(self, hidden_size: int, num_layers: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, 1), nn.ReLU())
-            for _ in range(num_layers)
-        )
-        self.mix = nn.Sequential(nn.Linear(num_layers, 1), nn.ReLU())
+        self.norm = nn.LayerNorm(hidden_size)
+        self.layers = nn.ModuleList(nn.Linear(hidden_size, 1) for _ in range(num_layers))
+        self.mix = nn.Linear(num_layers, 1, bias=False)
         with torch.no_grad():
-            for layer in self.layers:
-                nn.init.normal_(layer[1].weight, std=0.01)
-                nn.init.ones_(layer[1].bias)
-            self.mix[0].weight.fill_(1.0 / num_layers)
-            self.mix[0].bias.zero_()
+            for linear in [*self.layers, self.mix]:
+                nn.init.normal_(linear.weight, std=0.02)
+                if linear.bias is not None:
+                    linear.bias.zero_()
+            self.mix.weight.abs_()
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...], completion: torch.Tensor) -> torch.Tensor:
-        dtype = self.mix[0].weight.dtype
+        dtype = self.mix.weight.dtype
         per_layer = [
-            net(h.detach().to(dtype)).squeeze(-1)
-            for net, h in zip(self.layers, hidden_states[1:], strict=True)
+            F.relu(linear(self.norm(h.detach().to(dtype)))).squeeze(-1)
+            for linear, h in zip(self.layers, hidden_states[1:], strict=True)
         ]
-        mask = self.mix(torch.stack(per_layer, dim=-1)).squeeze(-1)[:, :-1]
+        mask = F.relu(self.mix(torch.stack(per_layer, dim=-1))).squeeze(-1)[:, :-1]
         return mask * completion
+
+
+def completion_token_terms(
+    rows: torch.Tensor,
+    ref_rows: torch.Tensor,
+    labels: torch.Tensor,
+    to_logits: Callable[[torch.Tensor], torch.Tensor],
+    with_kl: bool,
+    rows_per_chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per completion token: ``log π(y)``, ``log π_ref(y)`` and ``KL(π_ref ‖ π)`` over the vocabulary.
+
+    ``rows`` / ``ref_rows`` are ``(n, h)`` last hidden states of the policy / reference at the ``n`` positions that
+    predict ``labels``; ``to_logits`` is the LM head. Chunks of ``rows_per_chunk`` rows are projected, scored and
+    dropped; backward recomputes one chunk at a time, so no ``(n, vocab)`` tensor outlives its chunk.
+    """
+
+    def policy_terms(h: torch.Tensor, ref_h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logp = to_logits(h).float().log_softmax(-1)
+        token = logp.gather(-1, y[:, None]).squeeze(-1)
+        if not with_kl:
+            return (token,)
+        with torch.no_grad():
+            ref_logp = to_logits(ref_h).float().log_softmax(-1)
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        return token, kl, ref_logp.gather(-1, y[:, None]).squeeze(-1)
+
+    tokens, kls, ref_tokens = [], [], []
+    for start in range(0, rows.size(0), rows_per_chunk):
+        part = slice(start, start + rows_per_chunk)
+        h, ref_h, y = rows[part], ref_rows[part], labels[part]
+        if torch.is_grad_enabled() and h.requires_grad:
+            out = checkpoint(policy_terms, h, ref_h, y, use_reentrant=False)
+        else:
+            out = policy_terms(h, ref_h, y)
+        tokens.append(out[0])
+        if with_kl:
+            kls.append(out[1])
+            ref_tokens.append(out[2])
+        else:
+            with torch.no_grad():
+                ref_tokens.append(to_logits(ref_h).float().log_softmax(-1).gather(-1, y[:, None]).squeeze(-1))
+    token, ref_token = torch.cat(tokens), torch.cat(ref_tokens)
+    return token, ref_token, torch.cat(kls) if with_kl else torch.zeros_like(ref_token)
+
+
+@contextlib.contextmanager
+def _last_hidden_states(backbone: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the backbone's ``last_hidden_state`` of every forward inside the block (the model is called through
+    its wrappers, so DDP / FSDP / PEFT hooks all run)."""
+    seen: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _args: Any, output: Any) -> None:
+        seen.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = backbone.register_forward_hook(keep)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 class SparsePOTrainer(DPOTrainer):
@@ -157,6 +236,7 @@ class SparsePOTrainer(DPOTrainer):
                 f"SparsePOTrainer needs args=SparsePOConfig(...), got {type(self.args).__name__}."
             )
         self.mask_networks = nn.ModuleDict()
+        self._warned_dead_mask = False
         if self.args.mask_type == "learned":
             text = self.accelerator.unwrap_model(self.model).config.get_text_config()
             names = ["reward"] if self.args.mask_sharing == "shared" else ["reward", "kl"]
@@ -230,7 +310,28 @@ class SparsePOTrainer(DPOTrainer):
             return mask, mask
         reward = self.mask_networks["reward"](hidden, completion)
         kl = self.mask_networks["kl"](hidden, completion) if "kl" in self.mask_networks else reward
+        if self.model.training and not self._warned_dead_mask and not bool(reward.detach().any()):
+            self._warned_dead_mask = True
+            warnings.warn(
+                "SparsePO: the learned reward mask is 0 on every token of this batch (its ReLUs are all inactive), "
+                "so the batch gives no preference signal and the mask network no gradient. If this persists, "
+                "lower mask_l1_reward / mask_l1_kl or use mask_type='activation'.",
+                stacklevel=2,
+            )
         return reward, kl
+
+    def _causal_lm(self) -> nn.Module:
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if is_peft_model(model) else model
+
+    def _hidden_state_path(self, causal_lm: nn.Module) -> bool:
+        """Whether the LM head is a plain projection (optionally soft-capped) reachable from the backbone output."""
+        text = causal_lm.config.get_text_config()
+        return (
+            "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
+            and causal_lm.get_output_embeddings() is not None
+            and all(getattr(text, name, None) in (None, 1, 1.0) for name in _UNHANDLED_LOGIT_SCALING)
+        )
 
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
         mode = "train" if self.model.training else "eval"
@@ -238,35 +339,63 @@ class SparsePOTrainer(DPOTrainer):
         model_kwargs = {k: v for k, v in inputs.items() if k not in non_model}
         model_kwargs["use_cache"] = False
         completion = inputs["completion_mask"][:, 1:].float()
-        labels = inputs["input_ids"][:, 1:]
+        keep = completion.bool()
+        labels = inputs["input_ids"][:, 1:][keep]
         seq = completion.size(1)
 
-        outputs = model(**model_kwargs)
-        logp_all = F.log_softmax(outputs.logits[:, -seq - 1 : -1].float(), dim=-1)
-        ref_outputs = self._reference(model_kwargs)
-        ref_logp_all = F.log_softmax(ref_outputs.logits[:, -seq - 1 : -1].float(), dim=-1)
+        causal_lm = self._causal_lm()
+        if self._hidden_state_path(causal_lm):
+            head = causal_lm.get_output_embeddings()
+            cap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
 
-        logps = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        ref_logps = ref_logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            def to_logits(h: torch.Tensor) -> torch.Tensor:
+                logits = head(h)
+                return torch.tanh(logits / cap) * cap if cap else logits
+
+            ref_lm = causal_lm if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
+            with _last_hidden_states(causal_lm.base_model) as seen:
+                outputs = model(**model_kwargs, logits_to_keep=1)
+            with _last_hidden_states(ref_lm.base_model) as ref_seen:
+                ref_outputs = self._reference({**model_kwargs, "logits_to_keep": 1})
+            rows, ref_rows = (h[-1][:, -seq - 1 : -1][keep] for h in (seen, ref_seen))
+        else:  # score the model's own full logits (rescaled heads): same terms, DPO-without-fused-head memory
+            outputs = model(**model_kwargs)
+            ref_outputs = self._reference(model_kwargs)
+            rows, ref_rows = (o.logits[:, -seq - 1 : -1][keep] for o in (outputs, ref_outputs))
+
+            def to_logits(h: torch.Tensor) -> torch.Tensor:
+                return h
+
+        vocab = causal_lm.config.get_text_config().vocab_size
+        token, ref_token, kl = completion_token_terms(
+            rows, ref_rows, labels, to_logits, self.args.use_kl, max(1, LOGIT_CHUNK_ELEMENTS // vocab)
+        )
+        logps, ref_logps, token_kl = (
+            completion.new_zeros(completion.shape).masked_scatter(keep, x.float())
+            for x in (token, ref_token, kl)
+        )
         token_reward = (logps - ref_logps) * completion
         mask_u, mask_d = self._masks(ref_outputs.hidden_states, completion)
         reward_c, reward_r = (mask_u * token_reward).sum(dim=1).chunk(2)
         margin = reward_c - reward_r
         kl_c = kl_r = torch.zeros_like(reward_c)
         if self.args.use_kl:
-            token_kl = (ref_logp_all.exp() * (ref_logp_all - logp_all)).sum(dim=-1) * completion
             kl_c, kl_r = (mask_d * token_kl).sum(dim=1).chunk(2)
-            margin = margin - (kl_c - kl_r)
+            margin = margin - (kl_r - kl_c)
         loss = -F.logsigmoid(self.beta * margin).mean()
-        tokens = completion.sum().clamp_min(1)
-        mean_u, mean_d = mask_u.sum() / tokens, mask_d.sum() / tokens
-        if self.args.mask_l1_reward:
-            loss = loss + self.args.mask_l1_reward * mean_u
-        if self.args.mask_l1_kl and self.args.use_kl:
-            loss = loss + self.args.mask_l1_kl * mean_d
+        loss = loss + self._l1_penalty(mask_u, mask_d)
 
         self._log_metrics(mode, inputs, completion, mask_u, mask_d, reward_c, reward_r, kl_c, kl_r, logps)
         return (loss, outputs) if return_outputs else loss
+
+    def _l1_penalty(self, mask_u: torch.Tensor, mask_d: torch.Tensor) -> torch.Tensor | float:
+        """λ_u·Σ m_u + λ_d·Σ m_d per completion, averaged over the batch; one shared mask pays the mean weight."""
+        l1_u, l1_d = self.args.mask_l1_reward, self.args.mask_l1_kl if self.args.use_kl else 0.0
+        if mask_u is mask_d:
+            weight = (l1_u + l1_d) / 2 if self.args.use_kl else l1_u
+            return weight * mask_u.sum(dim=1).mean() if weight else 0.0
+        penalty = l1_u * mask_u.sum(dim=1).mean() if l1_u else 0.0
+        return penalty + l1_d * mask_d.sum(dim=1).mean() if l1_d else penalty
 
     @torch.no_grad()
     def _log_metrics(
