@@ -47,7 +47,7 @@ LT_SFT = {"full_ft_steps": 20, "full_ft_lr": 1e-4, "l1_lambda": 0.1}
 trained from the base with an L1 pull (soft-threshold lr·λ per step) at the sparse delta's chosen lr."""
 SKILL_SETS = (("reverse", "date"), ("reverse", "date", "sort"))
 DENSITIES = (0.1, 0.2, 0.3)
-SPARSE_METHODS = ("sum", "ties", "dare_ties", "magnitude_prune")
+SPARSE_METHODS = ("sum", "ties", "dare_ties", "magnitude_prune", "regmean")
 LORA_METHODS = ("cat", "ties", "dare_ties", "magnitude_prune")
 """``cat`` is LoRA's exact sum of the ΔW; the others are PEFT's, on the A and B factors."""
 FULL = {"seeds": [0, 1, 2], "validation": 50, "test": 100}
@@ -107,7 +107,7 @@ def methods_of(family: str) -> tuple[str, ...]:
 
 
 def densities_of(method: str, quick: bool) -> tuple[float | None, ...]:
-    if method in ("sum", "cat"):
+    if method in ("sum", "cat", "regmean"):
         return (None,)
     return DENSITIES[:1] if quick else DENSITIES
 
@@ -132,6 +132,7 @@ def evaluate_seed(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sparse_peft import compose
+    from sparse_peft.embedded.skills import skill_inputs
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     folders = [folder_of(keep, family, skill, seed, lr) for skill in skills]
@@ -154,6 +155,9 @@ def evaluate_seed(
         if lora:
             extra = {} if density is None else {"density": density}
             model.add_weighted_adapter(list(skills), [1.0] * len(skills), name, combination_type=method, **extra)
+        elif method == "regmean":
+            inputs = {skill: skill_inputs(tokenizer, skill) for skill in skills}  # 128 training examples each
+            compose(model, list(skills), new_adapter_name=name, method=method, inputs=inputs)
         else:
             compose(model, list(skills), new_adapter_name=name, method=method, density=density, seed=seed)
         model.set_adapter(name)

@@ -41,6 +41,8 @@ from benchmarks.report import mean_std, save_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "docs" / "sparsepo.json"
+DOC = REPO_ROOT / "docs" / "sparsepo.md"
+DOC_MARKERS = ("<!-- sparsepo-results -->\n", "<!-- /sparsepo-results -->")
 METHODS: dict[str, dict[str, Any] | None] = {  # name -> SparsePOConfig overrides (None: TRL's DPOTrainer)
     "DPO": None,
     "SparsePO (activation)": {"mask_type": "activation"},
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory_only:
             data = json.loads(args.out.read_text())
             data["memory"], data["memory_command"] = memory_table(reference, settings), command
-            return save_section(data, args.out, render)
+            return publish(data, args.out)
         both = ("validation", "test")
         sweep = [run_one(m, 0, lr, reference, settings, folder, both) for m in METHODS for lr in settings.lrs]
         chosen = {m: max((r for r in sweep if r["method"] == m),
@@ -303,7 +305,17 @@ def main(argv: list[str] | None = None) -> int:
         memory = memory_table(reference, settings)
     data = {"settings": vars(settings), "seeds": seeds, "chosen_lr": chosen, "lr_sweep": sweep, "l1_sweep": l1_sweep,
             "runs": runs, "memory": memory, "command": command, "memory_command": command}  # fmt: skip
-    return save_section(data, args.out, render)
+    return publish(data, args.out)
+
+
+def publish(data: dict[str, Any], out: Path) -> int:
+    """Save the JSON; for the committed results also refresh the table in docs/sparsepo.md."""
+    status = save_section(data, out, render)
+    if out.resolve() == OUT.resolve():
+        text = DOC.read_text()
+        head, rest = text.split(DOC_MARKERS[0], 1)
+        DOC.write_text(head + DOC_MARKERS[0] + render(data) + rest[rest.index(DOC_MARKERS[1]) :])
+    return status
 
 
 def render(data: dict[str, Any]) -> str:

@@ -142,11 +142,11 @@ def build_app(adapters_dir: str | Path, model: str | None = None, prompt: str | 
                 w2 = gr.Number(value=1.0, label="weight of second")
             with gr.Row():
                 method_dd = gr.Dropdown(
-                    choices=list(COMPOSE_METHODS), value="ties", label="method",
+                    choices=list(COMPOSE_METHODS), value=next(iter(COMPOSE_METHODS)), label="method",
                     info=" · ".join(f"{k}: {v}" for k, v in COMPOSE_METHODS.items()), elem_id="compose-method",
                 )
                 density = gr.Slider(0.05, 1.0, value=DEFAULT_TIES_DENSITY, step=0.05, label="density",
-                                    info="fraction of each adapter's entries kept (not used by sum)")
+                                    info="fraction of each adapter's entries kept (ties, dare_*, magnitude_prune)")
             composed_name = gr.Textbox(value="composed-demo", label="new adapter name")
             compose_btn = gr.Button("Compose")
             compose_msg = gr.Markdown()

@@ -26,6 +26,9 @@ from .batching import BatchedGreedy
 
 SPARSE_TYPES = ("SPARSE_DELTA", "S2FT")
 COMPOSE_METHODS = {
+    "regmean": "RegMean: each layer best reproduces both adapters' outputs on their own tasks' inputs (needs "
+    "examples of each task: the demo has them for the quickstart's skill adapters; on the embedded model it keeps "
+    "every skill)",
     "ties": "TIES: keep each adapter's largest entries, elect a sign per entry, average where adapters overlap "
     "(on the embedded model it keeps most of both skills where the plain sum loses one)",
     "sum": "the exact sum of the two deltas (LT-SFT; both adapters active at once computes the same)",
@@ -248,7 +251,7 @@ class DemoState:
         name = name.strip()
         if method not in COMPOSE_METHODS:
             raise DemoError(f"Unknown composition method {method!r}; choose one of {list(COMPOSE_METHODS)}.")
-        density = None if method == "sum" else density
+        density = None if method in ("sum", "regmean") else density
         if density is not None and not 0.0 < density <= 1.0:
             raise DemoError(f"The density is the fraction of each adapter's entries kept: in (0, 1], got {density}.")
         if not name or name in self.entries or name == BASE:
@@ -260,10 +263,26 @@ class DemoState:
         with switcher.lock:
             switcher.activate(BASE)
             sparse_peft.compose(switcher.model, [first, second], [w_first, w_second], new_adapter_name=name,
-                                method=method, density=density)
+                                method=method, density=density, inputs=self._task_inputs(method, first, second))
         self.entries[name] = AdapterEntry(name, self.adapters_dir, peft_type=types.pop())
         kept = "" if density is None else f", keeping {density:.0%} of each adapter's entries"
         return f"Composed **{name}** = {method}({w_first:g} x {first}, {w_second:g} x {second}{kept})."
+
+    def _task_inputs(self, method: str, *adapters: str) -> dict[str, list[dict[str, torch.Tensor]]] | None:
+        """RegMean's examples of each adapter's task: the embedded skills' training examples, for adapters named
+        after a skill (the quickstart's)."""
+        if method != "regmean":
+            return None
+        from sparse_peft.embedded import SKILLS
+        from sparse_peft.embedded.skills import skill_inputs
+
+        unknown = [a for a in adapters if a not in SKILLS]
+        if unknown:
+            raise DemoError(
+                f"RegMean needs examples of each adapter's task; the demo has them for the skill adapters "
+                f"{list(SKILLS)}, not for {unknown}. Choose ties for these."
+            )
+        return {a: skill_inputs(self.tokenizer, a) for a in adapters}
 
     def merge_and_save(self, adapter: str, out_dir: str) -> str:
         """Write the base model with ``adapter`` merged (plus the tokenizer) to ``out_dir``."""

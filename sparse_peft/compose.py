@@ -11,6 +11,13 @@ The others follow the model-merging literature, applied to sparse deltas entry b
   adapter keep their value, entries changed by several do not add up.
 - ``dare_linear`` / ``dare_ties`` (Yu et al. 2024, "Language Models are Super Mario", arXiv 2311.03099): drop each
   entry with probability ``1 - density`` and rescale the rest by ``1 / density``, then sum / TIES-merge.
+- ``regmean`` (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models", arXiv
+  2212.09849): per linear layer, the weight that best reproduces every adapter's layer output *on that adapter's
+  own inputs*, ``argmin_W Σ_i ‖(W − W_i) X_iᵀ‖²``, solved here on the union of the supports (row by row, a
+  small linear system per output channel), so the result stays sparse. It needs a few batches of each adapter's
+  task (``inputs=``) to collect the input Gram matrices ``X_iᵀX_i``; the other methods look at the values only.
+  This is the method that accounts for interference: a delta that shifts another task's activations is
+  penalised on that task's inputs.
 
 Names and semantics follow PEFT's ``LoraModel.add_weighted_adapter(combination_type=...)`` (``weights`` scale each
 delta before the merge; ``majority_sign_method="total"``). On the real base model, two and three skill adapters
@@ -23,8 +30,8 @@ trimmed entries at zero): it can be saved, merged, switched to or trained furthe
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from peft import PeftModel
@@ -33,8 +40,12 @@ from .masks import sparse_delta_layers
 from .tuners.s2ft import S2FTConfig, S2FTLinear
 from .tuners.sparse_delta.config import SparseDeltaConfig
 
-CompositionMethod = Literal["sum", "magnitude_prune", "ties", "dare_linear", "dare_ties"]
-METHODS: tuple[str, ...] = ("sum", "magnitude_prune", "ties", "dare_linear", "dare_ties")
+CompositionMethod = Literal["sum", "magnitude_prune", "ties", "dare_linear", "dare_ties", "regmean"]
+METHODS: tuple[str, ...] = ("sum", "magnitude_prune", "ties", "dare_linear", "dare_ties", "regmean")
+DEFAULT_REGMEAN_ALPHA = 1.0
+"""RegMean's scaling of the Gram matrices' off-diagonal entries (1: the plain least squares). The paper's 0.9
+regularises towards the diagonal; on the real model's three skills (128 examples each, validation split) 1.0 kept
+every skill and 0.9 / 0.95 lost part of ``date``."""
 DEFAULT_TIES_DENSITY = 0.2
 """The density the trimming methods use when none is given: TIES-merging's default (keep 20%), and the best for two
 skill adapters on the validation split of the real-model composition benchmark (benchmarks/composition.py; for
@@ -49,7 +60,10 @@ def merge_deltas(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine sparse deltas ``(flat indices, values)`` of one matrix; returns the union of the supports (sorted,
-    int64) and the combined value on each (0 where every input was trimmed or dropped)."""
+    int64) and the combined value on each (0 where every input was trimmed or dropped). ``regmean`` needs the
+    tasks' inputs: :func:`regmean_values`."""
+    if method == "regmean":
+        raise ValueError("merge_deltas: regmean needs input Gram matrices; use regmean_values.")
     kept = []
     for (indices, values), weight in zip(parts, weights, strict=True):
         indices, values = indices.long(), values.float()
@@ -73,6 +87,126 @@ def merge_deltas(
     return union, summed / count.clamp(min=1.0)
 
 
+def input_grams(
+    model: PeftModel,
+    layers: Mapping[str, torch.nn.Module],
+    inputs: Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per adapter, per layer: the Gram matrix ``XᵀX / n`` of the layer's inputs over the real (unpadded) tokens of
+    that adapter's batches, with that adapter active — RegMean's statistics. Each adapter's matrix is a mean, so
+    every task weighs the same whatever its token count."""
+    grams: dict[str, dict[str, torch.Tensor]] = {}
+    tokens: dict[str, int] = {}
+    current: dict[str, Any] = {}
+
+    def collect(name: str) -> Any:
+        def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            if current.get("last_input") is x:  # q/k/v and gate/up read the same tensor: one product
+                gram = current["last_gram"]
+            else:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                keep = current.get("mask")
+                if keep is not None and keep.numel() == flat.shape[0]:
+                    flat = flat[keep]
+                gram = flat.T @ flat
+                current["last_input"], current["last_gram"] = x, gram
+            store = grams[current["adapter"]]
+            store[name] = store[name] + gram if name in store else gram
+
+        return hook
+
+    active = model.active_adapter
+    handles = [layer.register_forward_pre_hook(collect(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            for adapter, batches in inputs.items():
+                model.set_adapter(adapter)
+                current["adapter"], grams[adapter], tokens[adapter] = adapter, {}, 0
+                for batch in batches:
+                    mask = batch.get("attention_mask")
+                    current["mask"] = None if mask is None else mask.reshape(-1).bool()
+                    tokens[adapter] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                    model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+    finally:
+        for handle in handles:
+            handle.remove()
+        current.clear()
+        model.set_adapter(active)
+    return {a: {n: g / max(tokens[a], 1) for n, g in per_layer.items()} for a, per_layer in grams.items()}
+
+
+def regmean_values(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    grams: Sequence[torch.Tensor],
+    storage_shape: tuple[int, int],
+    in_out: bool,
+    alpha: float = DEFAULT_REGMEAN_ALPHA,
+    extra_grams: Sequence[torch.Tensor] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RegMean on the union of sparse supports for one matrix: ``parts`` are each delta's ``(flat indices,
+    values)`` in the storage layout (``in_out``: stored ``(in, out)``, GPT-2's Conv1D), ``grams`` each task's
+    input Gram matrix. Per output channel ``o`` with union columns ``S``, solves
+    ``(Σ G̃_i)[S, S] · δ = Σ_i (Δ_i[o] G̃_i)[S]`` with ``G̃ = α·G + (1 − α)·diag(G)``; returns the union (sorted)
+    and ``δ`` on it. ``extra_grams``: tasks whose delta is zero on this matrix (they pull ``δ`` towards 0 on their
+    inputs). One delta alone comes back unchanged (up to a 1e-6 ridge)."""
+    rows, cols = storage_shape
+    n_in = rows if in_out else cols
+
+    def offdiagonal_scaled(g: torch.Tensor) -> torch.Tensor:
+        return alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
+
+    scaled = [offdiagonal_scaled(g) for g in grams]
+    total = torch.stack(scaled + [offdiagonal_scaled(g) for g in extra_grams]).sum(0).double()
+    n_out = cols if in_out else rows
+    target = torch.zeros(n_out, n_in, dtype=torch.float64, device=total.device)
+    for (indices, values), gram in zip(parts, scaled, strict=True):  # Δ_i·G̃_i as sparse × dense: nnz·in work
+        flat = indices.long()
+        out_i, in_i = (flat % cols, flat // cols) if in_out else (flat // cols, flat % cols)
+        delta = torch.sparse_coo_tensor(torch.stack([out_i, in_i]), values.double(), (n_out, n_in))
+        target += torch.sparse.mm(delta, gram.double())
+    union = torch.unique(torch.cat([i.long() for i, _ in parts]))
+    storage_row, storage_col = union // cols, union % cols
+    out_ch, in_ch = (storage_col, storage_row) if in_out else (storage_row, storage_col)
+    order = torch.argsort(out_ch * n_in + in_ch)  # entries grouped by output channel
+    out_sorted, in_sorted = out_ch[order], in_ch[order]
+    channels, counts = torch.unique_consecutive(out_sorted, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    ridge = 1e-6 * torch.diagonal(total).mean().clamp_min(1e-12)
+    values = torch.empty(union.numel(), dtype=torch.float32, device=union.device)
+    # channels batched by similar entry counts (padding to the widest row of a batch stays small: selected
+    # supports are uneven, a few rows hold hundreds of entries), each batch one batched solve
+    by_count = torch.argsort(counts)
+    for batch in _similar_width_batches(counts[by_count].tolist()):
+        rows_here = by_count[batch]
+        counts_here, width = counts[rows_here], int(counts[rows_here].max())
+        slot = torch.arange(width, device=union.device)
+        present = slot[None, :] < counts_here[:, None]
+        positions = (starts[rows_here][:, None] + slot[None, :]).clamp(max=out_sorted.numel() - 1)
+        padded = torch.where(present, in_sorted[positions], torch.zeros((), dtype=torch.long))
+        system = total[padded[:, :, None], padded[:, None, :]]
+        eye = torch.eye(width, dtype=system.dtype, device=system.device).expand_as(system)
+        both = present[:, :, None] & present[:, None, :]
+        system = torch.where(both, system, eye) + ridge * eye  # padding solves to 0; the ridge keeps it invertible
+        rhs = torch.where(present, target[channels[rows_here][:, None], padded], torch.zeros((), dtype=target.dtype))
+        solution = torch.linalg.solve(system, rhs)
+        values[order[positions[present]]] = solution[present].float()
+    return union, values
+
+
+def _similar_width_batches(sorted_counts: list[int], budget: int = 1 << 22) -> list[slice]:
+    """Split ascending per-channel entry counts into runs of similar width whose padded systems stay under
+    ``budget`` elements."""
+    batches, first = [], 0
+    for i, count in enumerate(sorted_counts):
+        if i > first and (count > 1.25 * sorted_counts[first] + 4 or (i - first + 1) * count * count > budget):
+            batches.append(slice(first, i))
+            first = i
+    if sorted_counts:
+        batches.append(slice(first, len(sorted_counts)))
+    return batches
+
+
 def compose(
     model: PeftModel,
     adapter_names: Sequence[str],
@@ -81,6 +215,8 @@ def compose(
     method: CompositionMethod = "sum",
     density: float | None = None,
     seed: int = 0,
+    inputs: Mapping[str, Sequence[Mapping[str, torch.Tensor]]] | None = None,
+    alpha: float = DEFAULT_REGMEAN_ALPHA,
 ) -> str:
     """Add ``new_adapter_name``, the combination of ``adapter_names``' deltas by ``method`` (see the module
     docstring), to ``model`` and return its name. The new adapter is added but not activated.
@@ -92,11 +228,14 @@ def compose(
             A factor per delta (default 1; each input's own scaling is applied too).
         new_adapter_name (`str`, *optional*, defaults to `"composed"`): name of the result; must be new.
         method (`str`, *optional*, defaults to `"sum"`):
-            ``sum``, ``magnitude_prune``, ``ties``, ``dare_linear`` or ``dare_ties``.
+            ``sum``, ``magnitude_prune``, ``ties``, ``dare_linear``, ``dare_ties`` or ``regmean``.
         density (`float`, *optional*, defaults to `None`):
             Fraction of each delta's entries that ``magnitude_prune`` / ``ties`` keep and ``dare_*`` keep in
             expectation; ``None``: :data:`DEFAULT_TIES_DENSITY` for those, 1.0 for ``sum``.
         seed (`int`, *optional*, defaults to `0`): seeds DARE's random drop.
+        inputs (`Mapping[str, Sequence[Mapping[str, Tensor]]]`, *optional*, defaults to `None`):
+            ``regmean`` only: per adapter, a few batches of its own task (``input_ids``, ``attention_mask``).
+        alpha (`float`, *optional*, defaults to `1.0`): ``regmean``'s off-diagonal scaling, in (0, 1].
 
     Example:
 
@@ -104,6 +243,8 @@ def compose(
     >>> from sparse_peft import compose
     >>> compose(model, ["reverse", "date"], method="ties", density=0.2, new_adapter_name="both")
     >>> model.set_adapter("both")
+    >>> compose(model, ["reverse", "date"], method="regmean", new_adapter_name="both-regmean",
+    ...         inputs={"reverse": [reverse_batch], "date": [date_batch]})
     ```
     """
     names = list(adapter_names)
@@ -115,11 +256,23 @@ def compose(
     if method not in METHODS:
         raise ValueError(f"compose: method must be one of {METHODS}, got {method!r}.")
     if density is None:
-        density = 1.0 if method == "sum" else DEFAULT_TIES_DENSITY
+        density = 1.0 if method in ("sum", "regmean") else DEFAULT_TIES_DENSITY
     if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"compose: density must be in (0, 1], got {density!r}.")
-    if method == "sum" and density != 1.0:
-        raise ValueError("compose: density applies to magnitude_prune, ties and dare_*; sum keeps every entry.")
+    if method in ("sum", "regmean") and density != 1.0:
+        raise ValueError(
+            f"compose: density applies to magnitude_prune, ties and dare_*; {method} keeps every entry."
+        )
+    if method == "regmean":
+        missing = [n for n in names if not (inputs or {}).get(n)]
+        if missing:
+            raise ValueError(
+                f"compose: method='regmean' needs inputs={{adapter: [batches of its task]}}; none for {missing}."
+            )
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"compose: alpha must be in (0, 1], got {alpha!r}.")
+    elif inputs is not None:
+        raise ValueError(f"compose: inputs are used by method='regmean' only, not {method!r}.")
     if new_adapter_name in model.peft_config:
         raise ValueError(f"compose: an adapter named {new_adapter_name!r} already exists.")
     kinds = {type(model.peft_config.get(name)) for name in names}
@@ -149,19 +302,31 @@ def compose(
             for name, layer in layers.items()
         }
     config.inference_mode = True
+    grams = input_grams(model, layers, {n: inputs[n] for n in names}) if method == "regmean" and inputs else {}
     model.add_adapter(new_adapter_name, config)
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in layers.values():  # sorted by name: DARE's draws do not depend on module order
+        for name, layer in layers.items():  # sorted by name: DARE's draws do not depend on module order
             present = [(a, w) for a, w in zip(names, weights, strict=True) if a in layer.support_values]
             parts = [(layer.support_indices[a], layer.delta_values(a).detach()) for a, _ in present]
-            union, merged = merge_deltas(parts, [w for _, w in present], method, float(density), generator)
+            if method == "regmean":  # every task's inputs count, also where its adapter leaves the layer alone
+                weighted = [(i, v * w) for (i, v), (_, w) in zip(parts, present, strict=True)]
+                union, merged = regmean_values(
+                    weighted,
+                    [grams[a][name] for a, _ in present],
+                    layer.storage_shape,
+                    layer.fan_in_fan_out,
+                    alpha,
+                    extra_grams=[grams[a][name] for a in names if a not in layer.support_values],
+                )
+            else:
+                union, merged = merge_deltas(parts, [w for _, w in present], method, float(density), generator)
             if isinstance(layer, S2FTLinear):  # the union of slices is a slice: keep it whole, trimmed entries at 0
                 channels = torch.unique(torch.cat([layer.channels(a) for a, _ in present]))
                 layer.set_channels(new_adapter_name, channels, values=merged)
             else:
-                if method != "sum":  # trimmed or dropped entries leave the support
+                if method not in ("sum", "regmean"):  # trimmed or dropped entries leave the support
                     union, merged = union[merged != 0], merged[merged != 0]
                 layer.set_adapter_indices(new_adapter_name, union, values=merged)
             layer.needs_calibration[new_adapter_name] = False

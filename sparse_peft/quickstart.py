@@ -22,17 +22,16 @@ from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .compose import DEFAULT_TIES_DENSITY, compose
+from .compose import compose
 from .embedded import SKILLS, base_model_path, exact_match, finetune, skill_dataset, skill_examples
+from .embedded.skills import COMPOSITION_EXAMPLES, skill_inputs
 from .tuners.sparse_delta import SparseDeltaConfig
 
 COMPOSED = ("reverse", "date")
 """The two skills whose adapters the quickstart composes."""
-COMPOSE_METHOD = "ties"
-"""How the quickstart composes: the method that kept most of every skill on the real base model (docs/benchmarks.md,
-"Composition"); the plain sum loses the second skill."""
-COMPOSE_DENSITY = {2: 0.2, 3: 0.1}
-"""TIES density per number of composed adapters: the best on the benchmark's validation split."""
+COMPOSE_METHOD = "regmean"
+"""How the quickstart composes: RegMean on the union of the supports, the method that kept every skill on the real
+base model (docs/benchmarks.md, "Composition"); the plain sum loses the second skill, TIES most of the third."""
 
 
 @dataclass
@@ -53,7 +52,6 @@ class QuickstartResult:
     seconds: float = 0.0
     composed: list[str] = field(default_factory=lambda: list(COMPOSED))
     compose_method: str = COMPOSE_METHOD
-    compose_density: float = COMPOSE_DENSITY[len(COMPOSED)]
 
     def gain(self, skill: str) -> float:
         """Exact-match gain of the skill's own adapter over the base."""
@@ -128,10 +126,11 @@ def run_quickstart(
         adapters[name] = f"adapters/{name}"
         trainable, total = model.get_nb_trainable_parameters()
 
+    inputs = {name: skill_inputs(tokenizer, name, min(COMPOSITION_EXAMPLES, train_examples), seed) for name in SKILLS}
     combined = PeftModel.from_pretrained(load_base(), output / "adapters" / COMPOSED[0], adapter_name=COMPOSED[0])
     combined.load_adapter(output / "adapters" / COMPOSED[1], adapter_name=COMPOSED[1])
     compose(combined, list(COMPOSED), new_adapter_name="composed", method=COMPOSE_METHOD,
-            density=COMPOSE_DENSITY[len(COMPOSED)])
+            inputs={name: inputs[name] for name in COMPOSED})
     combined.set_adapter("composed")
     accuracy["composed"] = score(combined, f"composed ({' + '.join(COMPOSED)}, {COMPOSE_METHOD})")
     combined.save_pretrained(output / "adapters", selected_adapters=["composed"])
@@ -140,8 +139,7 @@ def run_quickstart(
     if others:  # every skill in one adapter
         for name in others:
             combined.load_adapter(output / "adapters" / name, adapter_name=name)
-        compose(combined, list(SKILLS), new_adapter_name="composed-all", method=COMPOSE_METHOD,
-                density=COMPOSE_DENSITY.get(len(SKILLS), DEFAULT_TIES_DENSITY))
+        compose(combined, list(SKILLS), new_adapter_name="composed-all", method=COMPOSE_METHOD, inputs=inputs)
         combined.set_adapter("composed-all")
         accuracy["composed (all skills)"] = score(combined, f"composed (all skills, {COMPOSE_METHOD})")
         combined.save_pretrained(output / "adapters", selected_adapters=["composed-all"])
@@ -205,9 +203,9 @@ def results_markdown(result: QuickstartResult) -> str:
     lines += [
         "",
         f"- composed = sparse_peft.compose([{', '.join(result.composed)}], method=\"{result.compose_method}\"): one "
-        f"adapter; TIES keeps each delta's largest {result.compose_density:.0%} of entries, elects a sign per entry "
-        "and averages where deltas overlap (the plain sum loses the second skill); composed (all skills): every "
-        f"skill adapter, the same way ({COMPOSE_DENSITY.get(len(SKILLS), DEFAULT_TIES_DENSITY):.0%} of entries)",
+        "sparse adapter on the union of the supports whose every layer best reproduces each skill adapter's output "
+        f"on that skill's inputs ({COMPOSITION_EXAMPLES} training examples each; the plain sum loses the second skill); "
+        "composed (all skills): every skill adapter, the same way",
         f"- merged ({result.merged_skill}): the reloaded adapter merged into the base; same greedy answers on "
         f"{result.merged_same_answers:.1%} of the test prompts, max |logit diff| {result.merge_max_abs_diff:.1e}",
         f"- trainable parameters per adapter: {result.trainable_params:,} of {result.total_params:,}; "

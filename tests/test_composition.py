@@ -10,7 +10,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from sparse_peft import S2FTConfig, SparseDeltaConfig, SparseMask, compose, extract_sparse_delta
-from sparse_peft.compose import METHODS, merge_deltas
+from sparse_peft.compose import METHODS, input_grams, merge_deltas, regmean_values
 from sparse_peft.masks import sparse_delta_layers
 from tests.test_sparse_delta_core import INPUT, logits, tiny_llama
 
@@ -87,7 +87,7 @@ def _delta(indices, values):
     return torch.tensor(indices), torch.tensor(values, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "regmean"])
 def test_disjoint_supports_keep_every_value_at_full_density(method):
     """Entries only one adapter changed keep exactly its value, whatever the method (DARE at density 1 drops
     nothing)."""
@@ -310,3 +310,96 @@ def test_l1_pull_soft_thresholds_the_values_after_each_step():
     assert apply_proximal_step(plain, lr=0.2) == {}  # no L1: untouched
     with pytest.raises(ValueError, match="l1_lambda"):
         SparseDeltaConfig(l1_lambda=-1.0)
+
+
+def _task_batches(seed: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (2, 6), generator=generator)
+    return [{"input_ids": ids, "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2])}]
+
+
+def _objective(layer, grams: dict, adapters: list[str], composed: str) -> float:
+    """RegMean's loss Σ_i tr((Δ − Δ_i) G_i (Δ − Δ_i)ᵀ) of one layer, in (out, in) orientation."""
+    def dense(adapter: str) -> torch.Tensor:
+        d = layer.get_delta_weight(adapter).double()
+        return d.T if layer.fan_in_fan_out else d
+
+    target = dense(composed)
+    return sum(float(torch.trace((target - dense(a)) @ grams[a].double() @ (target - dense(a)).T)) for a in adapters)
+
+
+@pytest.mark.parametrize("config", [
+    SparseDeltaConfig(target_modules="all-linear", density=0.1, init_weights=False),
+    S2FTConfig(heads_ratio=0.5, channels_ratio=0.5, init_weights=False),
+], ids=["sparse_delta", "s2ft"])
+def test_regmean_minimises_every_tasks_output_error_on_the_union_support(tmp_path, config):
+    """With alpha = 1 RegMean is the least-squares optimum on the union support: its loss on the tasks' own layer
+    inputs is below the sum's and TIES' (both live on subsets of that support) in every layer; it saves and
+    reloads like any adapter."""
+    other = copy.deepcopy(config)
+    other.seed = 1
+    model = get_peft_model(tiny_llama(), config)
+    model.add_adapter("b", other)
+    inputs = {"default": _task_batches(0), "b": _task_batches(1)}
+    compose(model, ["default", "b"], new_adapter_name="rm", method="regmean", inputs=inputs, alpha=1.0)
+    compose(model, ["default", "b"], new_adapter_name="sum", method="sum")
+    compose(model, ["default", "b"], new_adapter_name="ties", method="ties", density=0.5)
+    layers = sparse_delta_layers(model)
+    grams = input_grams(model, {n: m for n, m in layers.items()}, inputs)
+    for name, layer in layers.items():
+        per_task = {a: grams[a][name] for a in ("default", "b")}
+        best = _objective(layer, per_task, ["default", "b"], "rm")
+        assert best <= _objective(layer, per_task, ["default", "b"], "sum") * (1 + 1e-6) + 1e-9, name
+        assert best <= _objective(layer, per_task, ["default", "b"], "ties") * (1 + 1e-6) + 1e-9, name
+    model.set_adapter("rm")
+    expected_logits = logits(model)
+    model.save_pretrained(tmp_path, selected_adapters=["rm"])
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "rm", adapter_name="rm")
+    torch.testing.assert_close(logits(reloaded), expected_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_out", [False, True])
+def test_regmean_of_one_delta_is_that_delta_and_the_layout_does_not_matter(in_out):
+    torch.manual_seed(0)
+    out_features, in_features = 5, 7
+    x = torch.randn(20, in_features)
+    gram = x.T @ x / 20
+    logical = torch.zeros(out_features, in_features)
+    logical.view(-1)[torch.tensor([1, 3, 8, 9, 20, 34])] = torch.randn(6)
+    stored = logical.T.contiguous() if in_out else logical
+    indices = stored.reshape(-1).nonzero().squeeze(1)
+    union, values = regmean_values([(indices, stored.reshape(-1)[indices])], [gram], tuple(stored.shape), in_out)
+    assert torch.equal(union, indices)
+    torch.testing.assert_close(values, stored.reshape(-1)[indices], rtol=1e-4, atol=1e-6)
+    # two deltas: the result in the (in, out) layout is the transpose of the (out, in) one
+    second = torch.zeros(out_features, in_features)
+    second.view(-1)[torch.tensor([2, 3, 15, 33])] = torch.randn(4)
+    gram2 = (lambda y: y.T @ y / 20)(torch.randn(20, in_features))
+    results = []
+    for layout_in_out in (False, True):
+        parts = []
+        for d in (logical, second):
+            s = d.T.contiguous() if layout_in_out else d
+            i = s.reshape(-1).nonzero().squeeze(1)
+            parts.append((i, s.reshape(-1)[i]))
+        shape = (in_features, out_features) if layout_in_out else (out_features, in_features)
+        u, v = regmean_values(parts, [gram, gram2], shape, layout_in_out)
+        dense = torch.zeros(shape).reshape(-1).index_put_((u,), v).reshape(shape)
+        results.append(dense.T if layout_in_out else dense)
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_regmean_errors():
+    model = two_adapter_model()
+    with pytest.raises(ValueError, match="needs inputs"):
+        compose(model, ["default", "b"], new_adapter_name="x", method="regmean")
+    with pytest.raises(ValueError, match="needs inputs"):
+        compose(model, ["default", "b"], new_adapter_name="x", method="regmean", inputs={"default": _task_batches(0)})
+    with pytest.raises(ValueError, match="regmean keeps every entry"):
+        compose(model, ["default", "b"], new_adapter_name="x", method="regmean", density=0.5,
+                inputs={"default": _task_batches(0), "b": _task_batches(1)})
+    with pytest.raises(ValueError, match="used by method='regmean' only"):
+        compose(model, ["default", "b"], new_adapter_name="x", method="ties", inputs={"b": _task_batches(1)})
+    with pytest.raises(ValueError, match="regmean needs input Gram"):
+        merge_deltas([_delta([0], [1.0])], [1.0], "regmean")
+    assert "x" not in model.peft_config

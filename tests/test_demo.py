@@ -135,6 +135,8 @@ def test_compose_merge_and_plot(state, tmp_path):
     assert "mix" in message and "ties" in message and "mix" in state.names
     assert state.generate("w4 w5", "mix")[0] != state.generate("w4 w5", BASE)[0]
     assert "sum(" in state.compose("delta-a", "delta-b", 1.0, 1.0, "plain-sum", "sum", 0.3)  # density unused
+    with pytest.raises(DemoError, match="RegMean needs examples of each adapter's task"):
+        state.compose("delta-a", "delta-b", 1.0, 1.0, "rm", "regmean")
     for method, density, error in (("average", 0.5, "Unknown composition method"), ("ties", 0.0, "in \\(0, 1\\]")):
         with pytest.raises(DemoError, match=error):
             state.compose("delta-a", "delta-b", 1.0, 1.0, "bad", method, density)

@@ -146,17 +146,28 @@ def test_benchmark_section_renders_the_committed_results():
     assert data["command"] in text and data["machine"] in text and data["date"] in text
     for method in sparsepo.METHODS:
         assert f"| {method} |" in text
+    assert text in sparsepo.DOC.read_text()  # docs/sparsepo.md shows the committed figures
 
 
 def test_resuming_a_learned_mask_run_equals_the_uninterrupted_run(tmp_path):
     """Adapter, learned mask networks and their optimizer state come back from the checkpoint: resuming at step 2 of
     4 ends exactly where the uninterrupted run ends."""
-    settings = {"mask_type": "learned", "bf16": False, "max_steps": 4, "save_steps": 2, "save_strategy": "steps",
-                "seed": 0, "data_seed": 0, "learning_rate": 0.05}
+    settings = {
+        "mask_type": "learned",
+        "bf16": False,
+        "max_steps": 4,
+        "save_steps": 2,
+        "save_strategy": "steps",
+        "seed": 0,
+        "data_seed": 0,
+        "learning_rate": 0.05,
+    }
 
     def state(trainer: SparsePOTrainer) -> dict[str, torch.Tensor]:
         tensors = {f"model.{k}": v for k, v in snapshot(trainer.model).items() if ".default" in k}
-        tensors.update({f"mask.{k}": v.detach().clone() for k, v in trainer.mask_networks.state_dict().items()})
+        tensors.update(
+            {f"mask.{k}": v.detach().clone() for k, v in trainer.mask_networks.state_dict().items()}
+        )
         return tensors
 
     straight = make(tmp_path / "straight", "sparse_delta", **settings)
@@ -170,5 +181,82 @@ def test_resuming_a_learned_mask_run_equals_the_uninterrupted_run(tmp_path):
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
     start = make(tmp_path / "start", "sparse_delta", **settings)
-    assert any(not torch.equal(start.mask_networks.state_dict()[k.removeprefix("mask.")], v)
-               for k, v in got.items() if k.startswith("mask."))  # the mask networks really trained
+    assert any(
+        not torch.equal(start.mask_networks.state_dict()[k.removeprefix("mask.")], v)
+        for k, v in got.items()
+        if k.startswith("mask.")
+    )  # the mask networks really trained
+
+
+def test_chunked_token_terms_equal_full_logits_with_gradients():
+    """Scoring a few rows at a time (each chunk recomputed in backward) gives the full-logits values and gradients."""
+    from sparse_peft.trainers import completion_token_terms
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    rows, ref_rows = torch.randn(7, 8, requires_grad=True), torch.randn(7, 8)
+    labels = torch.randint(0, 11, (7,))
+
+    def full() -> tuple[torch.Tensor, ...]:
+        logp = head(rows).log_softmax(-1)
+        with torch.no_grad():  # the reference is a constant, as in DPO
+            ref_logp = head(ref_rows).log_softmax(-1)
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        return logp.gather(-1, labels[:, None])[:, 0], ref_logp.gather(-1, labels[:, None])[:, 0], kl
+
+    for with_kl in (True, False):
+        expected = full()
+        expected_grad = torch.autograd.grad(
+            expected[0].sum() + with_kl * expected[2].sum(), (rows, head.weight)
+        )
+        got = completion_token_terms(rows, ref_rows, labels, head, with_kl, rows_per_chunk=3)
+        got_grad = torch.autograd.grad(got[0].sum() + with_kl * got[2].sum(), (rows, head.weight))
+        torch.testing.assert_close(got[0], expected[0])
+        torch.testing.assert_close(got[1], expected[1].detach())
+        torch.testing.assert_close(got[2], expected[2].detach() if with_kl else torch.zeros(7))
+        for g, e in zip(got_grad, expected_grad, strict=True):
+            torch.testing.assert_close(g, e)
+
+
+def _reference_loss(trainer: SparsePOTrainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SparsePO with all-ones masks written out from full logits: −log σ(β(u − (KL_r − KL_c))) + L1 on Σ m per
+    completion (TDPO's / the SparsePO authors' sign)."""
+    model = trainer.model
+    completion = batch["completion_mask"][:, 1:].float()
+    labels = batch["input_ids"][:, 1:, None]
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logp = model(**kwargs).logits[:, :-1].float().log_softmax(-1)
+    with model.disable_adapter():
+        ref_logp = model(**kwargs).logits[:, :-1].float().log_softmax(-1)
+    reward = ((logp.gather(-1, labels) - ref_logp.gather(-1, labels))[..., 0] * completion).sum(1)
+    kl = ((ref_logp.exp() * (ref_logp - logp)).sum(-1) * completion).sum(1)
+    (u_c, u_r), (kl_c, kl_r) = reward.chunk(2), kl.chunk(2)
+    loss = -torch.nn.functional.logsigmoid(trainer.beta * ((u_c - u_r) - (kl_r - kl_c))).mean()
+    l1 = (trainer.args.mask_l1_reward + trainer.args.mask_l1_kl) / 2
+    return loss + l1 * completion.sum(1).mean()
+
+
+@pytest.mark.parametrize("hidden_state_path", [True, False])
+def test_loss_matches_the_written_out_formula_and_both_paths_agree(tmp_path, hidden_state_path, monkeypatch):
+    trainer = make(tmp_path, "sparse_delta", mask_type="ones", bf16=False, max_steps=2, mask_l1_reward=0.01,
+                   mask_l1_kl=0.03)  # fmt: skip
+    trainer.train()
+    if not hidden_state_path:  # the full-logits fallback of models whose LM head output is rescaled
+        monkeypatch.setattr(SparsePOTrainer, "_hidden_state_path", lambda self, causal_lm: False)
+    batch = batch_of(trainer)
+    trainer.model.eval()
+    ours = trainer.compute_loss(trainer.model, batch)
+    expected = _reference_loss(trainer, batch)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    for got, want in zip(
+        torch.autograd.grad(ours, params), torch.autograd.grad(expected, params), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_a_learned_mask_that_is_zero_everywhere_warns(tmp_path):
+    trainer = make(tmp_path, "sparse_delta", mask_type="learned", bf16=False, max_steps=1)
+    trainer.mask_networks["reward"].mix.weight.data.zero_()
+    with pytest.warns(UserWarning, match="0 on every token"):
+        trainer.train()

@@ -10,7 +10,13 @@ every Trainer built afterwards, TRL's included; see :mod:`sparse_peft.trainers.i
 if __name__ == "sparse_peft.trainers":
     from .callbacks import DynamicMaskHook, ProximalHook, SparseHook, SparseUpdateCallback, register_hook
     from .integration import attach, install, installed, uninstall
-    from .sparsepo import MaskNetwork, SparsePOConfig, SparsePOTrainer, activation_mask
+    from .sparsepo import (
+        MaskNetwork,
+        SparsePOConfig,
+        SparsePOTrainer,
+        activation_mask,
+        completion_token_terms,
+    )
 else:  # `import trainers` from a source checkout: the deprecated pre-0.2 name
     from sparse_peft._renamed import redirect
 
@@ -25,6 +31,7 @@ __all__ = [
     "SparsePOTrainer",
     "SparseUpdateCallback",
     "activation_mask",
+    "completion_token_terms",
     "attach",
     "install",
     "installed",

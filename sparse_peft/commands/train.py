@@ -160,8 +160,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--mask-l1",
         type=_non_negative,
         default=0.0,
-        help="sparsepo: L1 weight on the masks; larger values push more tokens' weights to zero (sparser masks, "
-        "the point of SparsePO); 0 leaves them dense (default 0)",
+        help="sparsepo learned masks: L1 weight on each completion's summed mask; larger values push more tokens' "
+        "weights to zero (sparser masks, the point of SparsePO). The SparsePO authors' scale: they used 0.001; "
+        "docs/sparsepo.md has density against weight on the real model (default 0)",
     )
     pref.add_argument(
         "--mask-lr",

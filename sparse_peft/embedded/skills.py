@@ -182,3 +182,18 @@ def exact_match(
         hits += ((predicted == target) | ~scored).all(dim=1).sum().item()
     model.train(was_training)
     return hits / len(pairs)
+
+
+COMPOSITION_EXAMPLES = 128
+"""Training examples per skill whose layer inputs RegMean composition matches (``sparse_peft.compose(...,
+method="regmean")``): with 32, alpha 0.9 or 1.0 lost part of a skill on the validation split; with 128 and alpha 1.0
+none was lost."""
+
+
+def skill_inputs(
+    tokenizer: PreTrainedTokenizerBase, skill: str, n: int = COMPOSITION_EXAMPLES, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """``n`` of the skill's training examples (prompt + completion) as one batch of model inputs: the task
+    examples RegMean composes on."""
+    batch = completion_batch(tokenizer, skill_examples(skill, "train", n, seed=seed))
+    return [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}]
