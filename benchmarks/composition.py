@@ -354,7 +354,9 @@ def render(data: dict[str, Any]) -> str:
         "",
         "Single-skill adapters of the quality benchmark (same budget, steps and chosen learning rates) combined "
         "into one adapter. Sparse adapters: `sparse_peft.compose(model, names, method=..., density=...)`; LoRA: "
-        "PEFT's `add_weighted_adapter(combination_type=...)` (`cat` is the exact sum of the ΔW). Density (the "
+        "PEFT's `add_weighted_adapter(combination_type=...)` (`cat` is the exact sum of the ΔW); `regmean` "
+        "(RegMean on the union of the supports, alpha 1.0) matches each skill adapter's layer outputs on 128 of "
+        "that skill's training examples (PEFT has no RegMean for LoRA). Density (the "
         f"fraction of each delta's entries kept) chosen per method from {s['densities']} on the validation split "
         f"({s['validation']} prompts per skill, seed 0); table: test split ({s['test']} prompts per skill), mean ± "
         "std over seeds; **worst retention** = the lowest composed / single-skill exact match over the composed "

@@ -49,6 +49,10 @@ METHODS: dict[str, dict[str, Any] | None] = {  # name -> SparsePOConfig override
     "SparsePO (learned)": {"mask_type": "learned", "mask_learning_rate": 1e-3},
 }
 LEARNED = "SparsePO (learned)"
+LRS_DPO = [3e-4, 1e-3, 3e-3]
+"""DPO's grid; SparsePO's is [3e-4, 1e-3] (3e-3 dropped for time: DPO already collapsed at 1e-3, see the sweep)."""
+REFERENCE_CACHE = REPO_ROOT / ".cache" / "sparsepo"
+"""Where the full run keeps its SFT reference, so that a stopped run resumes on the same reference."""
 FULL_LOGITS = "SparsePO (activation), full logits"  # memory probe only: the pre-chunking path, for comparison
 
 
@@ -81,7 +85,12 @@ def records(split: str, n: int, seed: int) -> list[dict[str, str]]:
 
 
 def reference_model(settings: argparse.Namespace, folder: Path) -> Path:
-    """The embedded model after a short SFT on records with a random date order, merged and saved to ``folder``."""
+    """The embedded model after a short SFT on records with a random date order, merged and saved to ``folder``
+    (reused when ``folder`` already holds it: the full run resumes on the same reference)."""
+    done = folder / "reference" / "reference.json"
+    if done.is_file():
+        settings.reference = json.loads(done.read_text())
+        return folder / "reference"
     from datasets import Dataset
     from peft import get_peft_model
 
@@ -106,6 +115,7 @@ def reference_model(settings: argparse.Namespace, folder: Path) -> Path:
     print("reference exact match:", settings.reference, flush=True)
     merged.save_pretrained(folder / "reference")
     tok.save_pretrained(folder / "reference")
+    done.write_text(json.dumps(settings.reference))
     return folder / "reference"
 
 
@@ -261,14 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         steps=4 if args.quick else 30,
         sft_steps=6 if args.quick else 60,
         sft_examples=64 if args.quick else 960,
-        lrs=[1e-3] if args.quick else [3e-4, 1e-3, 3e-3],
-        l1_weights=[0.01] if args.quick else [0.001, 0.01, 0.1],
+        lrs={m: [1e-3] for m in METHODS} if args.quick else {**{m: [3e-4, 1e-3] for m in METHODS}, "DPO": LRS_DPO},
+        l1_weights=[0.01] if args.quick else [0.01, 0.1],
         beta=0.1,
         batch_pairs=4,
         train_pairs=64 if args.quick else 240,
         eval_pairs=32 if args.quick else 200,
         memory_steps=2 if args.quick else 4,
-        memory_repeats=1 if args.quick else 2,
+        memory_repeats=1,
         reference={},
     )
     seeds = list(range(1 if args.quick else args.seeds))
@@ -277,34 +287,49 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         ["python", "-m", "benchmarks.sparsepo", *(argv if argv is not None else sys.argv[1:])]
     )
+    data: dict[str, Any] = {"lr_sweep": [], "l1_sweep": [], "runs": [], "memory": []}
+    if args.out.is_file() and not args.quick:  # resume: every finished run is kept
+        data = {**data, **json.loads(args.out.read_text())}
+    data.update(settings=vars(settings), seeds=seeds, command=command, memory_command=command)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        reference = reference_model(settings, folder)
-        if args.memory_only:
-            data = json.loads(args.out.read_text())
-            data["memory"], data["memory_command"] = memory_table(reference, settings), command
+        if args.memory_only:  # memory does not depend on what the reference learned: the embedded model will do
+            from sparse_peft.embedded.pretrained import base_model_path
+
+            data["memory"] = memory_table(base_model_path(progress=False), settings)
             return publish(data, args.out)
+        reference = reference_model(settings, folder if args.quick else REFERENCE_CACHE)
+        data["settings"] = vars(settings)  # with the reference's exact match
         both = ("validation", "test")
-        sweep = [run_one(m, 0, lr, reference, settings, folder, both) for m in METHODS for lr in settings.lrs]
-        chosen = {m: max((r for r in sweep if r["method"] == m),
-                         key=lambda r: (r["validation"]["exact_match"], r["validation"]["margin"]))["lr"]
-                  for m in METHODS}  # fmt: skip
-        l1_sweep = [
-            run_one(LEARNED, 0, chosen[LEARNED], reference, settings, folder, both,
-                    {"mask_l1_reward": w, "mask_l1_kl": w})
-            for w in settings.l1_weights
-        ]  # fmt: skip
-        runs = [
-            r for r in sweep if r["lr"] == chosen[r["method"]]
-        ]  # seed 0 at the chosen lr, already evaluated
-        runs += [
-            run_one(m, s, chosen[m], reference, settings, folder, ("test",))
+
+        def run(stage: str, method: str, seed: int, lr: float, splits: tuple[str, ...], **overrides: Any) -> None:
+            key = {"method": method, "seed": seed, "lr": lr, **overrides}
+            if not any(all(r.get(k) == v for k, v in key.items()) for r in data[stage]):
+                data[stage].append(run_one(method, seed, lr, reference, settings, folder, splits, overrides))
+                publish(data, args.out)
+
+        # in order of what the conclusions need most, each result saved as it comes (a stopped run resumes)
+        if not data["memory"]:
+            data["memory"] = memory_table(reference, settings)
+            publish(data, args.out)
+        for method in METHODS:
+            for lr in settings.lrs[method]:
+                run("lr_sweep", method, 0, lr, both)
+        data["chosen_lr"] = chosen = {
+            m: max((r for r in data["lr_sweep"] if r["method"] == m),
+                   key=lambda r: (r["validation"]["exact_match"], r["validation"]["margin"]))["lr"]
             for m in METHODS
-            for s in seeds[1:]
-        ]
-        memory = memory_table(reference, settings)
-    data = {"settings": vars(settings), "seeds": seeds, "chosen_lr": chosen, "lr_sweep": sweep, "l1_sweep": l1_sweep,
-            "runs": runs, "memory": memory, "command": command, "memory_command": command}  # fmt: skip
+        }  # fmt: skip
+        data["runs"] = [r for r in data["runs"] if r["lr"] == chosen[r["method"]]]
+        for r in data["lr_sweep"]:  # seed 0 at the chosen lr is already evaluated
+            if r["lr"] == chosen[r["method"]] and not any(x["method"] == r["method"] and x["seed"] == 0
+                                                          for x in data["runs"]):  # fmt: skip
+                data["runs"].append(r)
+        for seed in seeds[1:]:
+            for method in METHODS:
+                run("runs", method, seed, chosen[method], ("test",))
+        for weight in settings.l1_weights:
+            run("l1_sweep", LEARNED, 0, chosen[LEARNED], both, mask_l1_reward=weight, mask_l1_kl=weight)
     return publish(data, args.out)
 
 
@@ -324,27 +349,32 @@ def render(data: dict[str, Any]) -> str:
     by_method: dict[str, list[dict[str, Any]]] = {}
     for run in data["runs"]:
         by_method.setdefault(run["method"], []).append(run)
+    reference = s.get("reference") or {}
     lines = [
         "## SparsePO vs DPO on the real base model (records: the date order decides each pair)",
         "",
-        f"SmolLM2-135M-Instruct after a short SFT on records with a random date order (the reference); a sparse-delta "
-        f"adapter (r = 16 entries per row, all linear layers) trained {s['steps']} steps × {s['batch_pairs']} pairs, "
-        f"β = {s['beta']}, each method at its validation-chosen lr, {len(data['seeds'])} seeds, {s['eval_pairs']} "
-        "test prompts. Exact match: greedy decoding writes the correct record and stops. Prefers chosen: the policy's "
-        "log-likelihood of the chosen record beats the rejected one. Margin: β·implicit reward (chosen − rejected) "
-        "over all completion tokens. Mask density: completion tokens with a non-zero reward mask (end of training).",
+        f"Reference: SmolLM2-135M-Instruct after {s['sft_steps']} SFT steps on records whose date order is right half "
+        "of the time (greedy exact match on the validation split: "
+        f"{reference.get('chosen', float('nan')):.0%} writes the correct record, "
+        f"{reference.get('rejected', float('nan')):.0%} the US-order one). Each method trains a sparse-delta adapter "
+        f"(r = 16, all linear layers) for {s['steps']} steps × {s['batch_pairs']} pairs, β = {s['beta']}, at its "
+        f"validation-chosen lr; {s['eval_pairs']} test prompts. Exact match: greedy decoding writes the correct "
+        "record and stops. Prefers chosen: the policy's log-likelihood of the chosen record beats the rejected one. "
+        "Margin: β·implicit reward (chosen − rejected) over all completion tokens. Mask density / mean: completion "
+        "tokens with a non-zero reward mask / the mean mask value (end of training).",
         "",
-        "| method | lr | exact match | prefers chosen | margin | mask density | mask mean | s / step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | lr | seeds | exact match | prefers chosen | margin | mask density | mask mean | s / step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, rows in by_method.items():
+        test = [r["test"] for r in rows]
         dens = [r["final_mask_density"] for r in rows if r["final_mask_density"] is not None]
         means = [r["final_mask_mean"] for r in rows if r.get("final_mask_mean") is not None]
-        test = [r["test"] for r in rows]
         lines.append(
-            f"| {method} | {rows[0]['lr']:g} | {mean_std([t['exact_match'] for t in test], '.1%')} | "
-            f"{mean_std([t['prefers_chosen'] for t in test], '.1%')} | {mean_std([t['margin'] for t in test], '.3f')} | "
-            f"{mean_std(dens, '.2f') if dens else '—'} | {mean_std(means, '.2f') if means else '—'} | "
+            f"| {method} | {rows[0]['lr']:g} | {len(rows)} | {mean_std([t['exact_match'] for t in test], '.1%')} | "
+            f"{mean_std([t['prefers_chosen'] for t in test], '.1%')} | "
+            f"{mean_std([t['margin'] for t in test], '.3f')} | {mean_std(dens, '.2f') if dens else '—'} | "
+            f"{mean_std(means, '.2f') if means else '—'} | "
             f"{statistics.fmean(r['step_seconds'] for r in rows):.2f} |"
         )
     lines += ["", "Learning-rate sweep (validation split, seed 0):", "",
@@ -352,25 +382,29 @@ def render(data: dict[str, Any]) -> str:
     for r in data["lr_sweep"]:
         v = r["validation"]
         lines.append(f"| {r['method']} | {r['lr']:g} | {v['exact_match']:.1%} | {v['margin']:.3f} |")
-    lines += ["", "Learned mask: L1 weight (λ_u = λ_d) against density (validation split, seed 0):", "",
-              "| L1 weight | mask density | mask mean | exact match | margin |", "|---|---|---|---|---|"]  # fmt: skip
-    for r in data["l1_sweep"]:
-        lines.append(
-            f"| {r.get('mask_l1_reward', 0):g} | {r['final_mask_density']:.2f} | {r['final_mask_mean']:.2f} | "
-            f"{r['validation']['exact_match']:.1%} | {r['validation']['margin']:.3f} |"
-        )
+    if data["l1_sweep"]:
+        lines += ["", "Learned mask: L1 weight (λ_u = λ_d, on each completion's summed mask) against density "
+                  "(validation split, seed 0; weight 0 is the sweep's run at the same lr):", "",
+                  "| L1 weight | mask density | mask mean | exact match | margin |", "|---|---|---|---|---|"]  # fmt: skip
+        zero = [r for r in data["lr_sweep"] if r["method"] == LEARNED and r["lr"] == data["l1_sweep"][0]["lr"]]
+        for r in zero + data["l1_sweep"]:
+            lines.append(
+                f"| {r.get('mask_l1_reward', 0):g} | {r['final_mask_density']:.2f} | {r['final_mask_mean']:.2f} | "
+                f"{r['validation']['exact_match']:.1%} | {r['validation']['margin']:.3f} |"
+            )
     if data.get("memory"):
         peaks: dict[str, list[float]] = {}
         for r in data["memory"]:
             peaks.setdefault(r["method"], []).append(r["peak_mib"])
-        dpo = statistics.fmean(peaks["DPO"])
+        dpo = statistics.fmean(peaks.get("DPO", [float("nan")]))
         lines += ["", f"Peak memory of {s['memory_steps']} training steps ({s['batch_pairs']} pairs per step, fp32, "
-                  "one process per method and repeat; resident-set peak minus the resident set before training):", "",
+                  "one process per method and repeat; resident-set peak minus the resident set before training; "
+                  "nothing else running):", "",
                   "| method | peak MiB | ratio to DPO |", "|---|---|---|"]  # fmt: skip
         for method, values in peaks.items():
             lines.append(f"| {method} | {mean_std(values, '.0f')} | {statistics.fmean(values) / dpo:.2f}× |")
-        lines += ["", f"Memory command: `{data['memory_command']}`."]
-    lines += ["", f"Command: `{data['command']}` — {data['machine']}, {data['date']}.", ""]
+    lines += ["", f"Command: `{data['command']}` (resumes a stopped run) — {data['machine']}, {data['date']}."
+              + (f" {data['note']}" if data.get("note") else ""), ""]
     return "\n".join(lines)
 
 

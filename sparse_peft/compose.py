@@ -163,7 +163,9 @@ def regmean_values(
     for (indices, values), gram in zip(parts, scaled, strict=True):  # Δ_i·G̃_i as sparse × dense: nnz·in work
         flat = indices.long()
         out_i, in_i = (flat % cols, flat // cols) if in_out else (flat // cols, flat % cols)
-        delta = torch.sparse_coo_tensor(torch.stack([out_i, in_i]), values.double(), (n_out, n_in))
+        delta = torch.sparse_coo_tensor(
+            torch.stack([out_i, in_i]), values.double(), (n_out, n_in), check_invariants=True
+        )
         target += torch.sparse.mm(delta, gram.double())
     union = torch.unique(torch.cat([i.long() for i, _ in parts]))
     storage_row, storage_col = union // cols, union % cols
