@@ -325,10 +325,12 @@ def main(argv: list[str] | None = None) -> int:
             if r["lr"] == chosen[r["method"]] and not any(x["method"] == r["method"] and x["seed"] == 0
                                                           for x in data["runs"]):  # fmt: skip
                 data["runs"].append(r)
+        weights = sorted(settings.l1_weights, reverse=True)  # the strongest first: does the mask become sparse?
+        run("l1_sweep", LEARNED, 0, chosen[LEARNED], both, mask_l1_reward=weights[0], mask_l1_kl=weights[0])
         for seed in seeds[1:]:
             for method in METHODS:
                 run("runs", method, seed, chosen[method], ("test",))
-        for weight in settings.l1_weights:
+        for weight in weights[1:]:
             run("l1_sweep", LEARNED, 0, chosen[LEARNED], both, mask_l1_reward=weight, mask_l1_kl=weight)
     return publish(data, args.out)
 
