@@ -400,8 +400,8 @@ def render(data: dict[str, Any]) -> str:
             peaks.setdefault(r["method"], []).append(r["peak_mib"])
         dpo = statistics.fmean(peaks.get("DPO", [float("nan")]))
         lines += ["", f"Peak memory of {s['memory_steps']} training steps ({s['batch_pairs']} pairs per step, fp32, "
-                  "one process per method and repeat; resident-set peak minus the resident set before training; "
-                  "nothing else running):", "",
+                  "one process per method and repeat; that process's resident-set peak minus its resident set before "
+                  "training):", "",
                   "| method | peak MiB | ratio to DPO |", "|---|---|---|"]  # fmt: skip
         for method, values in peaks.items():
             lines.append(f"| {method} | {mean_std(values, '.0f')} | {statistics.fmean(values) / dpo:.2f}× |")
