@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -81,6 +82,7 @@ def run_quickstart(
     test_examples: int = 200,
     train_examples: int = 2000,
     base_model: str | Path | None = None,
+    compose_method: str = COMPOSE_METHOD,
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> QuickstartResult:
@@ -129,19 +131,23 @@ def run_quickstart(
     inputs = {name: skill_inputs(tokenizer, name, min(COMPOSITION_EXAMPLES, train_examples), seed) for name in SKILLS}
     combined = PeftModel.from_pretrained(load_base(), output / "adapters" / COMPOSED[0], adapter_name=COMPOSED[0])
     combined.load_adapter(output / "adapters" / COMPOSED[1], adapter_name=COMPOSED[1])
-    compose(combined, list(COMPOSED), new_adapter_name="composed", method=COMPOSE_METHOD,
-            inputs={name: inputs[name] for name in COMPOSED})
+    def task_inputs(names: list[str]) -> dict[str, Any] | None:
+        return {name: inputs[name] for name in names} if compose_method == "regmean" else None
+
+    compose(combined, list(COMPOSED), new_adapter_name="composed", method=compose_method,
+            inputs=task_inputs(list(COMPOSED)))
     combined.set_adapter("composed")
-    accuracy["composed"] = score(combined, f"composed ({' + '.join(COMPOSED)}, {COMPOSE_METHOD})")
+    accuracy["composed"] = score(combined, f"composed ({' + '.join(COMPOSED)}, {compose_method})")
     combined.save_pretrained(output / "adapters", selected_adapters=["composed"])
     adapters["composed"] = "adapters/composed"
     others = [s for s in SKILLS if s not in COMPOSED]
     if others:  # every skill in one adapter
         for name in others:
             combined.load_adapter(output / "adapters" / name, adapter_name=name)
-        compose(combined, list(SKILLS), new_adapter_name="composed-all", method=COMPOSE_METHOD, inputs=inputs)
+        compose(combined, list(SKILLS), new_adapter_name="composed-all", method=compose_method,
+                inputs=task_inputs(list(SKILLS)))
         combined.set_adapter("composed-all")
-        accuracy["composed (all skills)"] = score(combined, f"composed (all skills, {COMPOSE_METHOD})")
+        accuracy["composed (all skills)"] = score(combined, f"composed (all skills, {compose_method})")
         combined.save_pretrained(output / "adapters", selected_adapters=["composed-all"])
         adapters["composed-all"] = "adapters/composed-all"
 
@@ -174,6 +180,7 @@ def run_quickstart(
         test_examples=test_examples,
         base_model=base_dir,
         steps=steps,
+        compose_method=compose_method,
         seconds=time.perf_counter() - started,
     )
     (output / "results.json").write_text(json.dumps(asdict(result), indent=2))
@@ -203,9 +210,10 @@ def results_markdown(result: QuickstartResult) -> str:
     lines += [
         "",
         f"- composed = sparse_peft.compose([{', '.join(result.composed)}], method=\"{result.compose_method}\"): one "
-        "sparse adapter on the union of the supports whose every layer best reproduces each skill adapter's output "
-        f"on that skill's inputs ({COMPOSITION_EXAMPLES} training examples each; the plain sum loses the second skill); "
-        "composed (all skills): every skill adapter, the same way",
+        + ("sparse adapter on the union of the supports whose every layer best reproduces each skill adapter's output "
+           f"on that skill's inputs ({COMPOSITION_EXAMPLES} training examples each; the plain sum loses the second "
+           "skill)" if result.compose_method == "regmean" else "adapter")
+        + "; composed (all skills): every skill adapter, the same way",
         f"- merged ({result.merged_skill}): the reloaded adapter merged into the base; same greedy answers on "
         f"{result.merged_same_answers:.1%} of the test prompts, max |logit diff| {result.merge_max_abs_diff:.1e}",
         f"- trainable parameters per adapter: {result.trainable_params:,} of {result.total_params:,}; "

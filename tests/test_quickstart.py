@@ -22,7 +22,10 @@ from tests.cores import all_cores
 
 pytestmark = pytest.mark.slow  # end to end: see README, "Tests"
 
-CHEAP = {"steps": 30, "batch_size": 8, "test_examples": 50}
+CHEAP = {"steps": 30, "batch_size": 8, "test_examples": 50, "compose_method": "ties"}
+"""``ties`` here: RegMean's exact per-channel solves take minutes on these 30-step adapters, whose gradient-selected
+supports put very many entries in a few rows (RegMean itself is tested on tiny models in tests/test_composition.py;
+the default quickstart composes with it in about a minute)."""
 GAINS = {"reverse": 0.5, "date": 0.5, "sort": 0.3}
 """Minimum held-out exact-match gain of each skill's adapter over the base in the CHEAP configuration (seed 0).
 Measured on 2 cores: reverse 100%, date 96%, sort 84% (base 0% on each; 3.4 min for the whole run); the README's
@@ -44,23 +47,23 @@ def test_skills_improve_from_base_to_adapter(quickstart):
         assert result.gain(skill) >= margin, (skill, result.accuracy)
 
 
-def test_composition_is_regmean_and_weights_weigh(quickstart):
-    """The composed row is the RegMean composition of the two skill adapters on their training examples
-    (recomputed from the saved adapters, it scores exactly what the table says), and compose's weights really weigh
-    the deltas: (1, 0) answers exactly like the first skill's adapter. (How much of each skill it keeps is a
+def test_composition_and_weights_weigh(quickstart):
+    """The composed row is the composition of the two skill adapters by the run's method (recomputed from the saved
+    adapters, it scores exactly what the table says), and compose's weights really weigh the deltas: (1, 0) answers
+    exactly like the first skill's adapter. (How much of each skill it keeps is a
     measurement, over 3 seeds, in docs/benchmarks.md; this cheap configuration is not the place to assert it.)"""
     from sparse_peft import compose
     from sparse_peft.embedded.skills import skill_inputs
 
     output, result = quickstart
-    assert set(result.accuracy["composed"]) == set(SKILLS) and result.compose_method == "regmean"
+    assert set(result.accuracy["composed"]) == set(SKILLS) and result.compose_method == CHEAP["compose_method"]
     tokenizer = AutoTokenizer.from_pretrained(result.base_model)
     base = AutoModelForCausalLM.from_pretrained(result.base_model)
     first, second = COMPOSED
     model = PeftModel.from_pretrained(base, output / "adapters" / first, adapter_name=first)
     model.load_adapter(output / "adapters" / second, adapter_name=second)
-    inputs = {name: skill_inputs(tokenizer, name) for name in COMPOSED}
-    compose(model, [first, second], new_adapter_name="again", method="regmean", inputs=inputs)
+    inputs = {name: skill_inputs(tokenizer, name) for name in COMPOSED} if result.compose_method == "regmean" else None
+    compose(model, [first, second], new_adapter_name="again", method=result.compose_method, inputs=inputs)
     model.set_adapter("again")
     pairs = skill_examples(second, "test", CHEAP["test_examples"])
     assert exact_match(model, tokenizer, pairs) == result.accuracy["composed"][second]
