@@ -49,8 +49,9 @@ METHODS: dict[str, dict[str, Any] | None] = {  # name -> SparsePOConfig override
     "SparsePO (learned)": {"mask_type": "learned", "mask_learning_rate": 1e-3},
 }
 LEARNED = "SparsePO (learned)"
-LRS_DPO = [3e-4, 1e-3, 3e-3]
-"""DPO's grid; SparsePO's is [3e-4, 1e-3] (3e-3 dropped for time: DPO already collapsed at 1e-3, see the sweep)."""
+LRS_DPO = [1e-4, 3e-4, 1e-3, 3e-3]
+"""DPO's grid; SparsePO's is [1e-4, 3e-4, 1e-3] (3e-3 dropped for time: DPO already collapsed at 1e-3)."""
+LRS_SPARSEPO = [1e-4, 3e-4, 1e-3]
 REFERENCE_CACHE = REPO_ROOT / ".cache" / "sparsepo"
 """Where the full run keeps its SFT reference, so that a stopped run resumes on the same reference."""
 FULL_LOGITS = "SparsePO (activation), full logits"  # memory probe only: the pre-chunking path, for comparison
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=4 if args.quick else 30,
         sft_steps=6 if args.quick else 60,
         sft_examples=64 if args.quick else 960,
-        lrs={m: [1e-3] for m in METHODS} if args.quick else {**{m: [3e-4, 1e-3] for m in METHODS}, "DPO": LRS_DPO},
+        lrs={m: [1e-3] for m in METHODS} if args.quick else {**{m: LRS_SPARSEPO for m in METHODS}, "DPO": LRS_DPO},
         l1_weights=[0.01] if args.quick else [0.01, 0.1],
         beta=0.1,
         batch_pairs=4,
@@ -316,23 +317,33 @@ def main(argv: list[str] | None = None) -> int:
             for lr in settings.lrs[method]:
                 run("lr_sweep", method, 0, lr, both)
         data["chosen_lr"] = chosen = {
-            m: max((r for r in data["lr_sweep"] if r["method"] == m),
-                   key=lambda r: (r["validation"]["exact_match"], r["validation"]["margin"]))["lr"]
-            for m in METHODS
-        }  # fmt: skip
-        data["runs"] = [r for r in data["runs"] if r["lr"] == chosen[r["method"]]]
-        for r in data["lr_sweep"]:  # seed 0 at the chosen lr is already evaluated
-            if r["lr"] == chosen[r["method"]] and not any(x["method"] == r["method"] and x["seed"] == 0
-                                                          for x in data["runs"]):  # fmt: skip
-                data["runs"].append(r)
+            m: max((r for r in data["lr_sweep"] if r["method"] == m), key=_validation_score)["lr"] for m in METHODS
+        }
         weights = sorted(settings.l1_weights, reverse=True)  # the strongest first: does the mask become sparse?
         run("l1_sweep", LEARNED, 0, chosen[LEARNED], both, mask_l1_reward=weights[0], mask_l1_kl=weights[0])
+        # the learned mask's L1 weight is a hyperparameter like the lr: chosen on validation (0 = the lr sweep's run)
+        candidates = [r for r in data["lr_sweep"] + data["l1_sweep"]
+                      if r["method"] == LEARNED and r["lr"] == chosen[LEARNED]]  # fmt: skip
+        l1 = max(candidates, key=_validation_score).get("mask_l1_reward", 0.0)
+        data["chosen_l1"] = l1
+        settings_of = {m: {} for m in METHODS} | {LEARNED: {"mask_l1_reward": l1, "mask_l1_kl": l1} if l1 else {}}
+        seed0 = {m: next(r for r in candidates if r.get("mask_l1_reward", 0.0) == l1) if m == LEARNED else
+                 next(r for r in data["lr_sweep"] if r["method"] == m and r["lr"] == chosen[m]) for m in METHODS}
+        data["runs"] = [seed0[m] for m in METHODS] + [
+            r for r in data["runs"] if r["seed"] > 0 and r["lr"] == chosen[r["method"]]
+            and r.get("mask_l1_reward", 0.0) == settings_of[r["method"]].get("mask_l1_reward", 0.0)
+        ]  # fmt: skip
         for seed in seeds[1:]:
             for method in METHODS:
-                run("runs", method, seed, chosen[method], ("test",))
-        for weight in weights[1:]:
+                run("runs", method, seed, chosen[method], ("test",), **settings_of[method])
+        for weight in weights[1:]:  # the rest of the sweep last (the seeds above use the best weight so far)
             run("l1_sweep", LEARNED, 0, chosen[LEARNED], both, mask_l1_reward=weight, mask_l1_kl=weight)
     return publish(data, args.out)
+
+
+def _validation_score(run: dict[str, Any]) -> tuple[float, float]:
+    """How a setting is chosen: validation exact match, then the validation margin."""
+    return run["validation"]["exact_match"], run["validation"]["margin"]
 
 
 def publish(data: dict[str, Any], out: Path) -> int:
@@ -373,7 +384,8 @@ def render(data: dict[str, Any]) -> str:
         dens = [r["final_mask_density"] for r in rows if r["final_mask_density"] is not None]
         means = [r["final_mask_mean"] for r in rows if r.get("final_mask_mean") is not None]
         lines.append(
-            f"| {method} | {rows[0]['lr']:g} | {len(rows)} | {mean_std([t['exact_match'] for t in test], '.1%')} | "
+            f"| {method}{f' (L1 {l1:g})' if (l1 := rows[0].get('mask_l1_reward')) else ''} | {rows[0]['lr']:g} | "
+            f"{len(rows)} | {mean_std([t['exact_match'] for t in test], '.1%')} | "
             f"{mean_std([t['prefers_chosen'] for t in test], '.1%')} | "
             f"{mean_std([t['margin'] for t in test], '.3f')} | {mean_std(dens, '.2f') if dens else '—'} | "
             f"{mean_std(means, '.2f') if means else '—'} | "
@@ -387,11 +399,13 @@ def render(data: dict[str, Any]) -> str:
     if data["l1_sweep"]:
         lines += ["", "Learned mask: L1 weight (λ_u = λ_d, on each completion's summed mask) against density "
                   "(validation split, seed 0; weight 0 is the sweep's run at the same lr):", "",
-                  "| L1 weight | mask density | mask mean | exact match | margin |", "|---|---|---|---|---|"]  # fmt: skip
-        zero = [r for r in data["lr_sweep"] if r["method"] == LEARNED and r["lr"] == data["l1_sweep"][0]["lr"]]
-        for r in zero + data["l1_sweep"]:
+                  "| lr | L1 weight | mask density | mask mean | exact match | margin |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lrs = {r["lr"] for r in data["l1_sweep"]}
+        zero = [r for r in data["lr_sweep"] if r["method"] == LEARNED and r["lr"] in lrs]
+        for r in sorted(zero + data["l1_sweep"], key=lambda r: (r["lr"], r.get("mask_l1_reward", 0))):
             lines.append(
-                f"| {r.get('mask_l1_reward', 0):g} | {r['final_mask_density']:.2f} | {r['final_mask_mean']:.2f} | "
+                f"| {r['lr']:g} | {r.get('mask_l1_reward', 0):g} | {r['final_mask_density']:.2f} | {r['final_mask_mean']:.2f} | "
                 f"{r['validation']['exact_match']:.1%} | {r['validation']['margin']:.3f} |"
             )
     if data.get("memory"):

@@ -174,26 +174,85 @@ def regmean_values(
     out_sorted, in_sorted = out_ch[order], in_ch[order]
     channels, counts = torch.unique_consecutive(out_sorted, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    ridge = 1e-6 * torch.diagonal(total).mean().clamp_min(1e-12)
+    total += 1e-6 * torch.diagonal(total).mean().clamp_min(1e-12) * torch.eye(n_in, dtype=total.dtype)
     values = torch.empty(union.numel(), dtype=torch.float32, device=union.device)
-    # channels batched by similar entry counts (padding to the widest row of a batch stays small: selected
-    # supports are uneven, a few rows hold hundreds of entries), each batch one batched solve
-    by_count = torch.argsort(counts)
+    # A row with k of the n inputs costs k³ by a direct solve; a row missing only m = n − k inputs costs m³ by
+    # the complement of one shared inverse. Each row takes the cheaper, exactly.
+    wide = counts > n_in // 2
+    if wide.any():
+        rows_wide = torch.nonzero(wide).squeeze(1)
+        entries = _row_entries(starts[rows_wide], counts[rows_wide], out_sorted.numel())
+        solution = _solve_wide_rows(total, target[channels[rows_wide]], in_sorted, entries)
+        values[order[entries[1][entries[0]]]] = solution.float()
+    narrow = torch.nonzero(~wide).squeeze(1)
+    by_count = narrow[torch.argsort(counts[narrow])]
+    # narrow rows batched by similar entry counts (padding to the widest row of a batch stays small: selected
+    # supports are uneven), each batch one batched Cholesky solve
     for batch in _similar_width_batches(counts[by_count].tolist()):
         rows_here = by_count[batch]
-        counts_here, width = counts[rows_here], int(counts[rows_here].max())
-        slot = torch.arange(width, device=union.device)
-        present = slot[None, :] < counts_here[:, None]
-        positions = (starts[rows_here][:, None] + slot[None, :]).clamp(max=out_sorted.numel() - 1)
-        padded = torch.where(present, in_sorted[positions], torch.zeros((), dtype=torch.long))
+        present, flat = _row_entries(starts[rows_here], counts[rows_here], out_sorted.numel())
+        padded = torch.where(present, in_sorted[flat], torch.zeros((), dtype=torch.long))
         system = total[padded[:, :, None], padded[:, None, :]]
-        eye = torch.eye(width, dtype=system.dtype, device=system.device).expand_as(system)
-        both = present[:, :, None] & present[:, None, :]
-        system = torch.where(both, system, eye) + ridge * eye  # padding solves to 0; the ridge keeps it invertible
+        eye = torch.eye(padded.shape[1], dtype=system.dtype, device=system.device).expand_as(system)
+        system = torch.where(present[:, :, None] & present[:, None, :], system, eye)  # padding solves to 0
         rhs = torch.where(present, target[channels[rows_here][:, None], padded], torch.zeros((), dtype=target.dtype))
-        solution = torch.linalg.solve(system, rhs)
-        values[order[positions[present]]] = solution[present].float()
+        values[order[flat[present]]] = _spd_solve(system, rhs)[present].float()
     return union, values
+
+
+def _row_entries(starts: torch.Tensor, counts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows whose entries sit at ``starts[r] : starts[r] + counts[r]`` of a flat array: a (rows, widest)
+    mask of real slots and the flat positions of every slot (padding clamped into range)."""
+    slot = torch.arange(int(counts.max()), device=counts.device)
+    present = slot[None, :] < counts[:, None]
+    return present, (starts[:, None] + slot[None, :]).clamp(max=size - 1)
+
+
+def _spd_solve(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Batched solve of symmetric positive definite systems by Cholesky (half an LU's work); a system that is
+    not numerically positive definite falls back to LU."""
+    factor, info = torch.linalg.cholesky_ex(system)
+    solution = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
+    failed = info != 0
+    if failed.any():
+        solution[failed] = torch.linalg.solve(system[failed], rhs[failed])
+    return solution
+
+
+def _solve_wide_rows(
+    total: torch.Tensor, target: torch.Tensor, in_sorted: torch.Tensor, entries: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Exact solves of ``total[S, S] · x = target[S]`` for rows whose support ``S`` covers most inputs, through
+    ``H = total⁻¹`` shared by all rows: with ``y = H·b`` (b zero off ``S``) and ``C`` the missing inputs,
+    ``x = (y − H[:, C] · H[C, C]⁻¹ · y[C])[S]`` (the Lagrange multipliers that hold ``x`` at 0 on ``C``). Returns
+    the values in the order of ``entries``' real slots."""
+    present, flat = entries
+    n_in = total.shape[0]
+    factor, info = torch.linalg.cholesky_ex(total)
+    inverse = torch.cholesky_inverse(factor) if info == 0 else torch.linalg.inv(total)
+    inverse = (inverse + inverse.T) / 2
+    on_support = torch.zeros(present.shape[0], n_in, dtype=torch.bool, device=total.device)
+    on_support[torch.arange(present.shape[0])[:, None].expand_as(present)[present], in_sorted[flat[present]]] = True
+    y = torch.where(on_support, target, torch.zeros((), dtype=target.dtype)) @ inverse
+    missing = ~on_support
+    counts = missing.sum(1)
+    by_count = torch.argsort(counts)
+    for batch in _similar_width_batches(counts[by_count].tolist()):  # rows batched by similar missing counts
+        rows = by_count[batch]
+        m = int(counts[rows].max())
+        if m == 0:  # full rows: y is the answer
+            continue
+        # each row's missing inputs first (a stable sort puts True before False when sorting ~missing)
+        complement = torch.argsort(on_support[rows].to(torch.int8), dim=1, stable=True)[:, :m]
+        real = torch.gather(missing[rows], 1, complement)
+        system = inverse[complement[:, :, None], complement[:, None, :]]
+        eye = torch.eye(m, dtype=system.dtype, device=system.device).expand_as(system)
+        system = torch.where(real[:, :, None] & real[:, None, :], system, eye)  # padding: multiplier 0
+        rhs = torch.where(real, torch.gather(y[rows], 1, complement), torch.zeros((), dtype=y.dtype))
+        solved = torch.where(real, _spd_solve(system, rhs), torch.zeros((), dtype=y.dtype))
+        multipliers = torch.zeros(rows.numel(), n_in, dtype=y.dtype, device=y.device).scatter_(1, complement, solved)
+        y[rows] -= multipliers @ inverse
+    return y[on_support]
 
 
 def _similar_width_batches(sorted_counts: list[int], budget: int = 1 << 22) -> list[slice]:

@@ -389,6 +389,35 @@ def test_regmean_of_one_delta_is_that_delta_and_the_layout_does_not_matter(in_ou
     torch.testing.assert_close(results[0], results[1])
 
 
+def test_regmean_rows_of_every_width_equal_their_direct_solves():
+    """Narrow rows are solved directly, wide ones through the complement of one shared inverse: both exact."""
+    torch.manual_seed(0)
+    out_features, in_features = 12, 10
+    grams = [(lambda y: y.T @ y / 30)(torch.randn(30, in_features) * torch.logspace(0, -1, in_features))
+             for _ in range(2)]  # fmt: skip
+    parts = []
+    for _ in range(2):
+        mask = torch.zeros(out_features, in_features, dtype=torch.bool)
+        for row in range(out_features):  # every width from 1 to all inputs, the full row included
+            mask[row, torch.randperm(in_features)[: 1 + row % in_features]] = True
+        indices = mask.reshape(-1).nonzero().squeeze(1)
+        parts.append((indices, torch.randn(indices.numel())))
+    union, values = regmean_values(parts, grams, (out_features, in_features), False)
+    total = (grams[0] + grams[1]).double()
+    total += 1e-6 * torch.diagonal(total).mean() * torch.eye(in_features, dtype=torch.float64)
+    target = sum(
+        torch.zeros(out_features * in_features, dtype=torch.float64).index_put_((i,), v.double()).view(
+            out_features, in_features) @ g.double()
+        for (i, v), g in zip(parts, grams, strict=True)
+    )  # fmt: skip
+    expected = torch.zeros(out_features * in_features, dtype=torch.float64)
+    for row in range(out_features):
+        support = union[union // in_features == row] % in_features
+        expected[row * in_features + support] = torch.linalg.solve(total[support][:, support], target[row, support])
+    assert {int(c) for c in torch.unique(union // in_features, return_counts=True)[1]} >= {1, in_features}
+    torch.testing.assert_close(values.double(), expected[union], rtol=1e-5, atol=1e-6)
+
+
 def test_regmean_errors():
     model = two_adapter_model()
     with pytest.raises(ValueError, match="needs inputs"):
