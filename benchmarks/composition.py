@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     data["settings"] = {**settings, "seeds": seeds, "densities": list(DENSITIES),
                         "adapters": f"benchmarks.quality, {train_settings['steps']} steps, batch "
                                     f"{train_settings['batch_size']}"}
-    data["chosen_lr"] = {}
+    data["chosen_lr"] = data.get("chosen_lr", {})
 
     def done(**key: Any) -> bool:
         return any(all(e.get(k) == v for k, v in key.items()) for e in data["entries"])

@@ -393,7 +393,7 @@ def render(data: dict[str, Any]) -> str:
         )
     lines += ["", "Learning-rate sweep (validation split, seed 0):", "",
               "| method | lr | exact match | margin |", "|---|---|---|---|"]  # fmt: skip
-    for r in data["lr_sweep"]:
+    for r in sorted(data["lr_sweep"], key=lambda r: (list(METHODS).index(r["method"]), r["lr"])):
         v = r["validation"]
         lines.append(f"| {r['method']} | {r['lr']:g} | {v['exact_match']:.1%} | {v['margin']:.3f} |")
     if data["l1_sweep"]:
