@@ -182,8 +182,14 @@ def regmean_values(
     if wide.any():
         rows_wide = torch.nonzero(wide).squeeze(1)
         entries = _row_entries(starts[rows_wide], counts[rows_wide], out_sorted.numel())
-        solution = _solve_wide_rows(total, target[channels[rows_wide]], in_sorted, entries)
-        values[order[entries[1][entries[0]]]] = solution.float()
+        try:
+            solution = _solve_wide_rows(total, target[channels[rows_wide]], in_sorted, entries)
+        except RuntimeError:  # a numerically singular Gram: the shared inverse is unusable, solve these rows directly
+            solution = None
+        if solution is not None and bool(torch.isfinite(solution).all()):
+            values[order[entries[1][entries[0]]]] = solution.float()
+        else:
+            wide = torch.zeros_like(wide)
     narrow = torch.nonzero(~wide).squeeze(1)
     by_count = narrow[torch.argsort(counts[narrow])]
     # narrow rows batched by similar entry counts (padding to the widest row of a batch stays small: selected
@@ -214,8 +220,8 @@ def _spd_solve(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(system)
     solution = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
     failed = info != 0
-    if failed.any():
-        solution[failed] = torch.linalg.solve(system[failed], rhs[failed])
+    if failed.any():  # least squares also copes with a singular system
+        solution[failed] = torch.linalg.lstsq(system[failed], rhs[failed].unsqueeze(-1)).solution.squeeze(-1)
     return solution
 
 
@@ -228,8 +234,7 @@ def _solve_wide_rows(
     the values in the order of ``entries``' real slots."""
     present, flat = entries
     n_in = total.shape[0]
-    factor, info = torch.linalg.cholesky_ex(total)
-    inverse = torch.cholesky_inverse(factor) if info == 0 else torch.linalg.inv(total)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(total))  # raises on a matrix that is not positive definite
     inverse = (inverse + inverse.T) / 2
     on_support = torch.zeros(present.shape[0], n_in, dtype=torch.bool, device=total.device)
     on_support[torch.arange(present.shape[0])[:, None].expand_as(present)[present], in_sorted[flat[present]]] = True
