@@ -216,7 +216,7 @@ def _row_entries(starts: torch.Tensor, counts: torch.Tensor, size: int) -> tuple
 
 def _spd_solve(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Batched solve of symmetric positive definite systems by Cholesky (half an LU's work); a system that is
-    not numerically positive definite falls back to LU."""
+    not numerically positive definite falls back to least squares."""
     factor, info = torch.linalg.cholesky_ex(system)
     solution = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
     failed = info != 0
