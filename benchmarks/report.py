@@ -31,6 +31,7 @@ LINKED_DOCS = (
     ("sparsepo.md", "DPO vs SparsePO on a generated preference task"),
     ("sparse_masks.md", "static vs dynamic sparse masks (accuracy at equal density)"),
     ("sora_group_sparse.md", "SoRA / group-sparse LoRA sparsity and export"),
+    ("benchmarks_rounds.md", "the 100m training step in more rounds: each method's step ratio to LoRA per round"),
 )
 GPU_RESULTS = "benchmarks_gpu.json"
 """The same training-step run on a GPU machine, summarised in ``benchmarks.md`` when present beside it (rendered in
@@ -188,8 +189,9 @@ def _table(run: dict[str, Any]) -> list[str]:
     lora = recs.get("lora") or {}
     lines = [
         "| method | trainable params | peak memory, process (MiB) | model + step (MiB) | / LoRA "
-        "| step's extra (MiB) | / LoRA | median step (ms) | / LoRA | timed steps min-max (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| step's extra (MiB) | / LoRA | median step (ms) | / LoRA | / LoRA per round: median (min-max) "
+        "| timed steps min-max (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in run["results"]:
         if "error" in r:
@@ -202,9 +204,23 @@ def _table(run: dict[str, Any]) -> list[str]:
             f"| {_ratio(r['model_and_step_bytes'], lora.get('model_and_step_bytes'))} "
             f"| {r['extra_bytes'] / MIB:,.1f} | {_ratio(r['extra_bytes'], lora.get('extra_bytes'))} "
             f"| {r['median_step_s'] * 1e3:,.0f} | {_ratio(r['median_step_s'], lora.get('median_step_s'))} "
-            f"| {min(times) * 1e3:,.0f}-{max(times) * 1e3:,.0f} |"
+            f"| {_round_ratios(r, lora)} | {min(times) * 1e3:,.0f}-{max(times) * 1e3:,.0f} |"
         )
     return lines
+
+
+def round_ratios(record: dict[str, Any], lora: dict[str, Any]) -> list[float]:
+    """Step time / LoRA's, one per round: each round ran every method once, back to back (rotating order), so a
+    round's ratio cancels the machine's slow drifts that the pooled medians carry."""
+    mine, theirs = record.get("rounds") or [], lora.get("rounds") or []
+    return [a["median_step_s"] / b["median_step_s"] for a, b in zip(mine, theirs, strict=False)]
+
+
+def _round_ratios(record: dict[str, Any], lora: dict[str, Any]) -> str:
+    ratios = round_ratios(record, lora)
+    if len(ratios) < 2:
+        return "—"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def _targets(run: dict[str, Any], on_gpu: bool) -> list[str]:
@@ -412,7 +428,9 @@ def render(
             else "Each method runs in a fresh process; in it, "
         )
         + f"{max(2, settings['warmup'])} warm-up steps measure memory, then {settings['steps']} steps are timed. "
-        "The median over all timed steps is reported, with their min-max; memory is the median over the processes.",
+        "The median over all timed steps is reported, with their min-max; memory is the median over the processes. "
+        "With several rounds, the step ratio to LoRA is also given per round (median and range over rounds): two "
+        "methods' ratios differ when their ranges do not overlap.",
         f"- Adapters: r={settings['r']} on every linear layer of every block (q, k, v, o, gate, up, down). LoRA: "
         "`LoraConfig(r, lora_alpha=r, lora_dropout=0)`; shira: `ShiraConfig(r)` (random mask, "
         "r*(in+out) entries per matrix); ours: `SparseDeltaConfig(r=r, fused=True/False)` (same entry count).",

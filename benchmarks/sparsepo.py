@@ -49,6 +49,11 @@ METHODS: dict[str, dict[str, Any] | None] = {  # name -> SparsePOConfig override
     "SparsePO (learned)": {"mask_type": "learned", "mask_learning_rate": 1e-3},
 }
 LEARNED = "SparsePO (learned)"
+ACTIVATION = "SparsePO (activation)"
+SWEEPS = {LEARNED: "l1_sweep", ACTIVATION: "threshold_sweep"}
+"""Each mask's sparsity knob is swept at its chosen lr and chosen on validation like the lr: the learned mask's
+L1 weight (λ_u = λ_d) and the activation mask's threshold."""
+MASK_SETTINGS = ("mask_l1_reward", "mask_l1_kl", "mask_threshold")
 LRS_DPO = [1e-4, 3e-4, 1e-3, 3e-3]
 """DPO's grid; SparsePO's is [1e-4, 3e-4, 1e-3] (3e-3 dropped for time: DPO already collapsed at 1e-3)."""
 LRS_SPARSEPO = [1e-4, 3e-4, 1e-3]
@@ -171,7 +176,7 @@ def make_trainer(method: str, overrides: dict[str, Any], seed: int, lr: float, r
         beta=settings.beta, logging_steps=max(steps // 4, 1), lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
     )  # fmt: skip
-    spec = METHODS.get(method) if method != FULL_LOGITS else METHODS["SparsePO (activation)"]
+    spec = METHODS.get(method) if method != FULL_LOGITS else METHODS[ACTIVATION]
     spec = None if spec is None else {**spec, **overrides}
     args = trl.DPOConfig(**common) if spec is None else trainers.SparsePOConfig(**common, **spec)
     cls = trl.DPOTrainer if spec is None else trainers.SparsePOTrainer
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         sft_steps=6 if args.quick else 60,
         sft_examples=64 if args.quick else 960,
         lrs={m: [1e-3] for m in METHODS} if args.quick else {**{m: LRS_SPARSEPO for m in METHODS}, "DPO": LRS_DPO},
-        l1_weights=[0.01] if args.quick else [0.01, 0.1],
+        l1_weights=[0.01] if args.quick else [0.001, 0.003, 0.01, 0.1],
+        thresholds=[0.5] if args.quick else [0.3, 0.5, 0.7],
         beta=0.1,
         batch_pairs=4,
         train_pairs=64 if args.quick else 240,
@@ -288,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         ["python", "-m", "benchmarks.sparsepo", *(argv if argv is not None else sys.argv[1:])]
     )
-    data: dict[str, Any] = {"lr_sweep": [], "l1_sweep": [], "runs": [], "memory": []}
+    data: dict[str, Any] = {"lr_sweep": [], "runs": [], "memory": [], **{stage: [] for stage in SWEEPS.values()}}
     if args.out.is_file() and not args.quick:  # resume: every finished run is kept
         data = {**data, **json.loads(args.out.read_text())}
     data.update(settings=vars(settings), seeds=seeds, command=command, memory_command=command)
@@ -319,26 +325,35 @@ def main(argv: list[str] | None = None) -> int:
         data["chosen_lr"] = chosen = {
             m: max((r for r in data["lr_sweep"] if r["method"] == m), key=_validation_score)["lr"] for m in METHODS
         }
-        weights = sorted(settings.l1_weights, reverse=True)  # the strongest first: does the mask become sparse?
-        run("l1_sweep", LEARNED, 0, chosen[LEARNED], both, mask_l1_reward=weights[0], mask_l1_kl=weights[0])
-        # the learned mask's L1 weight is a hyperparameter like the lr: chosen on validation (0 = the lr sweep's run)
-        candidates = [r for r in data["lr_sweep"] + data["l1_sweep"]
-                      if r["method"] == LEARNED and r["lr"] == chosen[LEARNED]]  # fmt: skip
-        l1 = max(candidates, key=_validation_score).get("mask_l1_reward", 0.0)
-        data["chosen_l1"] = l1
-        settings_of = {m: {} for m in METHODS} | {LEARNED: {"mask_l1_reward": l1, "mask_l1_kl": l1} if l1 else {}}
-        seed0 = {m: next(r for r in candidates if r.get("mask_l1_reward", 0.0) == l1) if m == LEARNED else
-                 next(r for r in data["lr_sweep"] if r["method"] == m and r["lr"] == chosen[m]) for m in METHODS}
+        values = {LEARNED: sorted(settings.l1_weights, reverse=True), ACTIVATION: sorted(settings.thresholds, reverse=True)}
+        for method, stage in SWEEPS.items():  # the strongest first: does the mask become sparse?
+            run(stage, method, 0, chosen[method], both, **_mask_setting(method, values[method][0]))
+        # a mask's sparsity knob is a hyperparameter like the lr: chosen on validation (0 = the lr sweep's run)
+        seed0 = {m: max((r for r in data["lr_sweep"] + data.get(SWEEPS.get(m, ""), [])
+                         if r["method"] == m and r["lr"] == chosen[m]), key=_validation_score) for m in METHODS}
+        data["chosen_l1"] = seed0[LEARNED].get("mask_l1_reward", 0.0)
+        data["chosen_threshold"] = seed0[ACTIVATION].get("mask_threshold", 0.0)
+        settings_of = {m: _mask_settings_of(seed0[m]) for m in METHODS}
         data["runs"] = [seed0[m] for m in METHODS] + [
             r for r in data["runs"] if r["seed"] > 0 and r["lr"] == chosen[r["method"]]
-            and r.get("mask_l1_reward", 0.0) == settings_of[r["method"]].get("mask_l1_reward", 0.0)
+            and _mask_settings_of(r) == settings_of[r["method"]]
         ]  # fmt: skip
         for seed in seeds[1:]:
             for method in METHODS:
                 run("runs", method, seed, chosen[method], ("test",), **settings_of[method])
-        for weight in weights[1:]:  # the rest of the sweep last (the seeds above use the best weight so far)
-            run("l1_sweep", LEARNED, 0, chosen[LEARNED], both, mask_l1_reward=weight, mask_l1_kl=weight)
+        for method, stage in SWEEPS.items():  # the rest of the sweeps last (the seeds use the best value so far)
+            for value in values[method][1:]:
+                run(stage, method, 0, chosen[method], both, **_mask_setting(method, value))
     return publish(data, args.out)
+
+
+def _mask_setting(method: str, value: float) -> dict[str, float]:
+    """The SparsePOConfig overrides of one point of ``method``'s sparsity sweep."""
+    return {"mask_l1_reward": value, "mask_l1_kl": value} if method == LEARNED else {"mask_threshold": value}
+
+
+def _mask_settings_of(run: dict[str, Any]) -> dict[str, float]:
+    return {k: run[k] for k in MASK_SETTINGS if run.get(k)}
 
 
 def _validation_score(run: dict[str, Any]) -> tuple[float, float]:
@@ -354,6 +369,12 @@ def publish(data: dict[str, Any], out: Path) -> int:
         head, rest = text.split(DOC_MARKERS[0], 1)
         DOC.write_text(head + DOC_MARKERS[0] + render(data) + rest[rest.index(DOC_MARKERS[1]) :])
     return status
+
+
+def _setting_label(run: dict[str, Any]) -> str:
+    if run.get("mask_l1_reward"):
+        return f" (L1 {run['mask_l1_reward']:g})"
+    return f" (threshold {run['mask_threshold']:g})" if run.get("mask_threshold") else ""
 
 
 def render(data: dict[str, Any]) -> str:
@@ -384,7 +405,7 @@ def render(data: dict[str, Any]) -> str:
         dens = [r["final_mask_density"] for r in rows if r["final_mask_density"] is not None]
         means = [r["final_mask_mean"] for r in rows if r.get("final_mask_mean") is not None]
         lines.append(
-            f"| {method}{f' (L1 {l1:g})' if (l1 := rows[0].get('mask_l1_reward')) else ''} | {rows[0]['lr']:g} | "
+            f"| {method}{_setting_label(rows[0])} | {rows[0]['lr']:g} | "
             f"{len(rows)} | {mean_std([t['exact_match'] for t in test], '.1%')} | "
             f"{mean_std([t['prefers_chosen'] for t in test], '.1%')} | "
             f"{mean_std([t['margin'] for t in test], '.3f')} | {mean_std(dens, '.2f') if dens else '—'} | "
@@ -396,16 +417,22 @@ def render(data: dict[str, Any]) -> str:
     for r in sorted(data["lr_sweep"], key=lambda r: (list(METHODS).index(r["method"]), r["lr"])):
         v = r["validation"]
         lines.append(f"| {r['method']} | {r['lr']:g} | {v['exact_match']:.1%} | {v['margin']:.3f} |")
-    if data["l1_sweep"]:
-        lines += ["", "Learned mask: L1 weight (λ_u = λ_d, on each completion's summed mask) against density "
-                  "(validation split, seed 0; weight 0 is the sweep's run at the same lr):", "",
-                  "| lr | L1 weight | mask density | mask mean | exact match | margin |",
+    titles = {
+        LEARNED: ("Learned mask: L1 weight (λ_u = λ_d, on each completion's summed mask)", "mask_l1_reward", "L1 weight"),
+        ACTIVATION: ("Activation mask: threshold (weights below it become 0)", "mask_threshold", "threshold"),
+    }
+    for method, stage in SWEEPS.items():
+        if not data.get(stage):
+            continue
+        title, key, column = titles[method]
+        lines += ["", f"{title} against density (validation split, seed 0; {column} 0 is the lr sweep's run at the "
+                  "same lr):", "", f"| lr | {column} | mask density | mask mean | exact match | margin |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
-        lrs = {r["lr"] for r in data["l1_sweep"]}
-        zero = [r for r in data["lr_sweep"] if r["method"] == LEARNED and r["lr"] in lrs]
-        for r in sorted(zero + data["l1_sweep"], key=lambda r: (r["lr"], r.get("mask_l1_reward", 0))):
+        lrs = {r["lr"] for r in data[stage]}
+        zero = [r for r in data["lr_sweep"] if r["method"] == method and r["lr"] in lrs]
+        for r in sorted(zero + data[stage], key=lambda r: (r["lr"], r.get(key, 0))):
             lines.append(
-                f"| {r['lr']:g} | {r.get('mask_l1_reward', 0):g} | {r['final_mask_density']:.2f} | {r['final_mask_mean']:.2f} | "
+                f"| {r['lr']:g} | {r.get(key, 0):g} | {r['final_mask_density']:.2f} | {r['final_mask_mean']:.2f} | "
                 f"{r['validation']['exact_match']:.1%} | {r['validation']['margin']:.3f} |"
             )
     if data.get("memory"):

@@ -41,17 +41,24 @@ def decode_indices(code: torch.Tensor, where: str = "sparse delta") -> torch.Ten
         raise InvalidSparseIndicesError(f"{where}: encoded indices must be a 1-D uint8 tensor, got {got}.")
     if code.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
-    data = code.to(torch.int64)
-    last = (data & 0x80) == 0
-    if not bool(last[-1]):
+    cont = code >= 0x80  # a continuation byte: its gap goes on in the next byte
+    if bool(cont[-1]):
         raise InvalidSparseIndicesError(f"{where}: the encoded indices are truncated (the last gap is unfinished).")
-    number = torch.cumsum(last.to(torch.int64), 0) - last.to(torch.int64)  # which gap each byte belongs to
-    first_byte = torch.cat([torch.zeros(1, dtype=torch.int64), torch.nonzero(last).flatten()[:-1] + 1])
-    position = torch.arange(data.numel()) - first_byte[number]
-    if int(position.max()) >= _MAX_GROUPS:
-        raise InvalidSparseIndicesError(f"{where}: an encoded gap is longer than 63 bits (corrupt file).")
-    gaps = torch.zeros(first_byte.numel(), dtype=torch.int64)
-    gaps.index_add_(0, number, (data & 0x7F) << (7 * position))
-    if (gaps[1:] == 0).any():
+    values = code.to(torch.int64)
+    # Most gaps are one byte; only bytes after continuation bytes need work (sparse, not a pass over every byte):
+    # a byte's value is shifted by 7 for each continuation byte of its gap before it.
+    starts = torch.nonzero(cont).flatten()  # k = 1: each continuation byte starts a run of >= 1 of them
+    values[starts] &= 0x7F
+    k = 1
+    while starts.numel():
+        if k >= _MAX_GROUPS:
+            raise InvalidSparseIndicesError(f"{where}: an encoded gap is longer than 63 bits (corrupt file).")
+        values[starts + k] <<= 7  # the byte after k continuation bytes
+        starts = starts[cont[starts + k]]  # runs of >= k + 1 continuation bytes
+        k += 1
+    # an index is the sum of every gap up to its own: the running sum of the byte values at its gap's last byte
+    indices = torch.cumsum(values, 0)[~cont]
+    # a zero gap (a duplicate) needs a zero byte past the first; only then compare neighbours
+    if bool((code[1:] == 0).any()) and bool((indices[1:] == indices[:-1]).any()):
         raise InvalidSparseIndicesError(f"{where}: the encoded indices contain duplicates (a zero gap).")
-    return torch.cumsum(gaps, 0)
+    return indices

@@ -71,6 +71,10 @@ def test_train_writes_a_loadable_adapter(files, tmp_path, capsys, kind, method, 
         (["train", "sft", "--data", "missing.jsonl"], "no such file"),
         (["train", "dpo", "--data", "{sft}"], "'chosen' and 'rejected'"),
         (["train", "sft", "--data", "{pairs}"], "'text', 'messages'"),
+        (
+            ["train", "sparsepo", "--data", "{pairs}", "--mask-type", "learned", "--mask-threshold", "0.5"],
+            "mask_type='activation' only",
+        ),
     ],
 )
 def test_bad_arguments_are_clear_errors(files, capsys, argv, message):
@@ -83,12 +87,18 @@ def test_bad_arguments_are_clear_errors(files, capsys, argv, message):
 
 
 @pytest.mark.parametrize(
-    "argv", [["train"], ["train", "ppo"], ["train", "sft", "--steps", "0", "--data", "x"]]
+    "argv, message",
+    [
+        (["train"], "error"),
+        (["train", "ppo"], "error"),
+        (["train", "sft", "--steps", "0", "--data", "x"], "error"),
+        (["train", "sparsepo", "--mask-threshold", "1.5", "--data", "x"], "--mask-threshold: must be in [0, 1)"),
+    ],
 )
-def test_argparse_rejects(argv, capsys):
+def test_argparse_rejects(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
-    assert exc.value.code == 2 and "error" in capsys.readouterr().err
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_help_documents_every_option(capsys):
@@ -103,6 +113,7 @@ def test_help_documents_every_option(capsys):
         "--r",
         "--density",
         "--mask-type",
+        "--mask-threshold",
         "--beta",
         "--steps",
     ):

@@ -19,6 +19,7 @@ from sparse_peft.indices import InvalidSparseIndicesError
         torch.zeros(0, dtype=torch.int64),
         torch.tensor([0]),
         torch.tensor([5, 6, 7, 127, 128, 129, 16383, 16384, 2**31 - 1, 2**40]),
+        torch.tensor([0, 2**62, 2**62 + 1, 2**62 + 2**21]),  # the longest gap (9 bytes) next to one-byte gaps
         torch.sort(torch.randperm(10**6, generator=torch.Generator().manual_seed(0))[:5000]).values,
     ],
 )
@@ -47,6 +48,7 @@ def test_encode_refuses_unsorted_duplicated_negative(bad):
     [
         (torch.tensor([5, 0x85], dtype=torch.uint8), "truncated"),
         (torch.tensor([5, 0], dtype=torch.uint8), "duplicates"),
+        (torch.tensor([5, 0x80, 0x80, 0], dtype=torch.uint8), "duplicates"),  # a zero gap in three bytes
         (torch.tensor([0xFF] * 10 + [1], dtype=torch.uint8), "longer than 63 bits"),
         (torch.tensor([1, 2], dtype=torch.int32), "1-D uint8"),
         (torch.tensor([[1, 2]], dtype=torch.uint8), "1-D uint8"),

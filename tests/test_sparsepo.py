@@ -79,6 +79,16 @@ def test_activation_mask_is_scaled_per_completion():
         assert row[keep].min().item() == 0.0 and row[keep].max().item() == pytest.approx(1.0)
 
 
+def test_activation_mask_threshold_zeroes_the_weights_below_it_and_keeps_the_rest():
+    torch.manual_seed(0)
+    hidden = tuple(torch.randn(2, 12, 5) for _ in range(3))
+    completion = torch.ones(2, 11)
+    dense = activation_mask(hidden, completion)
+    sparse = activation_mask(hidden, completion, threshold=0.5)
+    assert torch.equal(sparse, torch.where(dense >= 0.5, dense, torch.zeros_like(dense)))
+    assert 0 < (sparse > 0).float().mean() < (dense > 0).float().mean()
+
+
 @pytest.mark.parametrize("method", [*SPARSE_METHODS, "lora"])
 def test_sparsepo_trains_every_adapter(tmp_path, method):
     mask = "learned" if method in ("sora", "s2ft", "lora") else "activation"
@@ -116,6 +126,8 @@ def test_sparsepo_trains_every_adapter(tmp_path, method):
         ({"mask_sharing": "both"}, "mask_sharing"),
         ({"loss_type": "ipo"}, "loss_type"),
         ({"mask_l1_reward": -1.0}, ">= 0"),
+        ({"mask_threshold": 1.0}, r"mask_threshold must be in \[0, 1\)"),
+        ({"mask_type": "learned", "mask_threshold": 0.5}, "activation"),
         ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
     ],
 )

@@ -69,6 +69,8 @@ class SparsePOConfig(DPOConfig):
             the authors' scale, so their settings, e.g. 0.001, carry over).
         mask_l1_kl: λ_d, L1 weight on the KL mask (a shared mask pays the mean of the two weights).
         mask_learning_rate: learning rate of the mask network (default: ``learning_rate``).
+        mask_threshold: for ``activation``: token weights below it become 0, so the mask is sparse (0 keeps the
+            dense min–max mask; 0.5 keeps the tokens in the upper half of each completion's activation range).
     """
 
     mask_type: Literal["activation", "learned", "ones"] = field(
@@ -83,6 +85,9 @@ class SparsePOConfig(DPOConfig):
     mask_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the mask network (default: learning_rate)."}
     )
+    mask_threshold: float = field(
+        default=0.0, metadata={"help": "Activation masks: weights below this become 0 (sparser masks)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +97,10 @@ class SparsePOConfig(DPOConfig):
             raise ValueError(f"mask_sharing must be 'shared' or 'independent', got {self.mask_sharing!r}.")
         if self.mask_l1_reward < 0 or self.mask_l1_kl < 0:
             raise ValueError("mask_l1_reward and mask_l1_kl must be >= 0.")
+        if not 0.0 <= self.mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in [0, 1), got {self.mask_threshold}.")
+        if self.mask_threshold and self.mask_type != "activation":
+            raise ValueError(f"mask_threshold applies to mask_type='activation' only, not {self.mask_type!r}.")
         if list(self.loss_type) != ["sigmoid"]:
             raise ValueError(
                 f"SparsePO defines its own sigmoid loss; loss_type must be 'sigmoid', got {self.loss_type}."
@@ -108,12 +117,15 @@ class SparsePOConfig(DPOConfig):
             raise ValueError(f"SparsePO does not support these DPO options: {', '.join(bad)}.")
 
 
-def activation_mask(hidden_states: tuple[torch.Tensor, ...], completion: torch.Tensor) -> torch.Tensor:
+def activation_mask(
+    hidden_states: tuple[torch.Tensor, ...], completion: torch.Tensor, threshold: float = 0.0
+) -> torch.Tensor:
     """Token weights in [0, 1] from reference activations (layer- and feature-mean, z-scored, min–max scaled).
 
     ``hidden_states`` are the model's outputs (embeddings first, then one per layer); ``completion`` is the shifted
     completion mask ``(batch, T-1)``. The weight of position ``t`` (the hidden state that predicts token ``t+1``)
-    is 0 outside the completion.
+    is 0 outside the completion, and 0 where it falls below ``threshold`` (min–max scaling alone leaves the mask
+    dense: only one token per completion is 0).
     """
     act = torch.stack([h.float() for h in hidden_states[1:]]).mean(dim=(0, 3))[:, :-1]  # (batch, T-1)
     keep = completion.bool()
@@ -124,7 +136,7 @@ def activation_mask(hidden_states: tuple[torch.Tensor, ...], completion: torch.T
     low = z.masked_fill(~keep, float("inf")).amin(dim=1, keepdim=True)
     high = z.masked_fill(~keep, float("-inf")).amax(dim=1, keepdim=True)
     scaled = (z - low) / (high - low).clamp_min(1e-6)
-    return scaled.masked_fill(~keep, 0.0).detach()
+    return scaled.masked_fill(~keep | (scaled < threshold), 0.0).detach()
 
 
 class MaskNetwork(nn.Module):
@@ -306,7 +318,7 @@ class SparsePOTrainer(DPOTrainer):
         if self.args.mask_type == "ones":
             return completion, completion
         if self.args.mask_type == "activation":
-            mask = activation_mask(hidden, completion)
+            mask = activation_mask(hidden, completion, self.args.mask_threshold)
             return mask, mask
         reward = self.mask_networks["reward"](hidden, completion)
         kl = self.mask_networks["kl"](hidden, completion) if "kl" in self.mask_networks else reward

@@ -39,6 +39,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser(
         "train",
@@ -169,6 +176,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=positive_float,
         default=None,
         help="sparsepo learned masks: learning rate of the mask networks (default: --lr)",
+    )
+    pref.add_argument(
+        "--mask-threshold",
+        type=_unit_interval,
+        default=0.0,
+        help="sparsepo activation masks: token weights (0..1 over each completion) below this become 0, so only "
+        "the most active tokens carry the reward and KL; 0 keeps every token (default 0)",
     )
     train.set_defaults(func=run)
 
@@ -369,6 +383,7 @@ def _trainer(args: argparse.Namespace, model_path: str, data: Any) -> Any:
             mask_l1_reward=args.mask_l1,
             mask_l1_kl=args.mask_l1,
             mask_learning_rate=args.mask_lr,
+            mask_threshold=args.mask_threshold,
             **common,
         )
     trainer = cls(

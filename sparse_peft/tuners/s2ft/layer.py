@@ -78,6 +78,7 @@ class S2FTLinear(SparseDeltaLinear):
                 seed=seed,
                 inference_mode=inference_mode,
                 values=values,
+                checked=True,  # the flat indices of checked channels
             )
         self.s2ft_channels[adapter_name] = channels.to(device=indices.device, dtype=torch.int32)
 

@@ -132,7 +132,8 @@ class S2FTModel(SparseDeltaModel):
         twin = self._twin_adapter(config, adapter_name, layer)
         channels, values = plan[current_key], None
         if loading is not None:
-            channels = self._loaded_support(adapter_name, current_key, layer)
+            record = self._loaded_record(adapter_name, current_key, layer)
+            channels, values = record.checked, record.values.clone()  # the record keeps the file's tensors
         if twin is not None:  # TRL's "ref" adapter: an exact copy of the adapter it was made from
             channels = layer.channels(twin).clone()
             values = layer.support_values[twin].detach().clone()

@@ -118,9 +118,14 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         seed: int = 0,
         inference_mode: bool = False,
         values: torch.Tensor | None = None,
+        checked: bool = False,
     ) -> None:
-        """Create (or replace) adapter ``adapter_name`` on the given flat indices (and values, if given)."""
-        indices = validate_indices(indices, self.numel, where=f"sparse_delta adapter '{adapter_name}'")
+        """Create (or replace) adapter ``adapter_name`` on the given flat indices (and values, if given).
+
+        ``checked``: the indices already passed :func:`validate_indices` for this layer (the tuner's own draws and
+        file records it checked), so a load does not validate every module twice."""
+        if not checked:
+            indices = validate_indices(indices, self.numel, where=f"sparse_delta adapter '{adapter_name}'")
         self.set_adapter_indices(adapter_name, indices, init_weights=init_weights, seed=seed, values=values)
         self.scaling[adapter_name] = 1.0
         self.fused_mode[adapter_name] = fused

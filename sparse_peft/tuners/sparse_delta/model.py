@@ -56,7 +56,7 @@ class SparseDeltaModel(BaseTuner):
         records = self._records(read_adapter_file(source), where)
         undo = InjectionUndo(self, model)
         self._loading[adapter_name] = records
-        try:  # each injected module's record is checked as its layer is created (_loaded_support)
+        try:  # each injected module's record is checked as its layer is created (_loaded_record)
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             self._covered_layers(model, adapter_name, records, where)
             self._injected_records[adapter_name] = records
@@ -66,14 +66,15 @@ class SparseDeltaModel(BaseTuner):
         finally:
             self._loading.pop(adapter_name, None)
 
-    def _loaded_support(self, adapter_name: str, key: str, layer: SparseDeltaLayer) -> torch.Tensor | None:
-        """The checked support of module ``key`` while injecting from a file, else None (draw one)."""
+    def _loaded_record(self, adapter_name: str, key: str, layer: SparseDeltaLayer) -> ModuleRecord | None:
+        """Module ``key``'s record, its support checked (``record.checked``), while injecting from a file; else None
+        (draw a support). The layer is created on the file's support and values: nothing is drawn and discarded."""
         records = self._loading.get(adapter_name)
         if records is None or key not in records:
             return None
         record = records[key]
         record.checked = self._check_record(layer, record, f"{self.prefix[:-1]} adapter '{adapter_name}', module '{key}'")
-        return record.checked
+        return record
 
     def _create_and_replace(
         self,
@@ -95,12 +96,12 @@ class SparseDeltaModel(BaseTuner):
         seed = module_seed(config.seed, current_key)
         twin = self._twin_adapter(config, adapter_name, layer)
         values = None
-        loaded = self._loaded_support(adapter_name, current_key, layer)
+        loaded = self._loaded_record(adapter_name, current_key, layer)
         if twin is not None:  # e.g. TRL's "ref" adapter: start as an exact copy of the adapter it was made from
             indices = layer.support_indices[twin].clone()
             values = layer.support_values[twin].detach().clone()
         elif loaded is not None:
-            indices = loaded
+            indices, values = loaded.checked, loaded.values.clone()  # the record keeps the file's tensors
         else:
             indices = initial_indices(layer, config.budget(rows, cols), config.selection, seed)
         layer.update_layer(
@@ -115,6 +116,7 @@ class SparseDeltaModel(BaseTuner):
             seed=seed,
             inference_mode=config.inference_mode,
             values=values,
+            checked=True,  # drawn here, copied from a twin, or checked against this layer by _loaded_record
         )
         layer.set_l1_lambda(adapter_name, config.l1_lambda)
         if new:
@@ -173,8 +175,8 @@ class SparseDeltaModel(BaseTuner):
             check_header_shape(record.header, shape, where)
         check_values(record.values, where)
         indices = validate_indices(record.support, shape[0] * shape[1], values=record.values, where=where)
-        if record.header is not None:
-            check_checksums(record.header, indices, record.values, where)
+        if record.header is not None:  # on the decoded int64 form the checksum was made of (no int32 round trip)
+            check_checksums(record.header, record.support, record.values, where)
         return indices
 
     @classmethod
