@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .report import median_seconds, section_arguments
+from .report import median_seconds, ratio_spread, section_arguments
 from .train_step import BLOCK_LINEARS, SIZES, ModelSpec
 
 DOC = Path("docs/adapters.json")
@@ -205,10 +205,7 @@ def render(data: dict[str, Any]) -> str:
         switch = f"{r['switch_s'] * 1e3:,.1f}" if "switch_s" in r else ""
         speedup = f"{lora['switch_s'] / r['switch_s']:.1f}x" if "switch_s" in r and "switch_s" in lora else ""
         first = f"{r['first_token_s'] * 1e3:,.0f}" if "first_token_s" in r else ""
-        ratios = r.get("first_token_ratio_rounds") or []
-        first_ratio = (
-            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else ""
-        )
+        first_ratio = ratio_spread(r["first_token_ratio_rounds"]) if "first_token_ratio_rounds" in r else ""
         planned = f"{r['plan_switch_s'] * 1e3:,.2f}" if "plan_switch_s" in r else ""
         plan_speedup = (
             f"{lora['switch_s'] / r['plan_switch_s']:.0f}x" if "plan_switch_s" in r and "switch_s" in lora else ""

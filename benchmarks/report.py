@@ -209,18 +209,18 @@ def _table(run: dict[str, Any]) -> list[str]:
     return lines
 
 
-def round_ratios(record: dict[str, Any], lora: dict[str, Any]) -> list[float]:
-    """Step time / LoRA's, one per round: each round ran every method once, back to back (rotating order), so a
-    round's ratio cancels the machine's slow drifts that the pooled medians carry."""
-    mine, theirs = record.get("rounds") or [], lora.get("rounds") or []
-    return [a["median_step_s"] / b["median_step_s"] for a, b in zip(mine, theirs, strict=False)]
-
-
-def _round_ratios(record: dict[str, Any], lora: dict[str, Any]) -> str:
-    ratios = round_ratios(record, lora)
+def ratio_spread(ratios: Sequence[float]) -> str:
+    """Per-round ratios as ``median (min-max)``; '—' below two rounds (no spread to show)."""
     if len(ratios) < 2:
         return "—"
     return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def _round_ratios(record: dict[str, Any], lora: dict[str, Any]) -> str:
+    """Step time / LoRA's, one per round: each round ran every method once, back to back (rotating order), so a
+    round's ratio cancels the machine's slow drifts that the pooled medians carry."""
+    mine, theirs = record.get("rounds") or [], lora.get("rounds") or []
+    return ratio_spread([a["median_step_s"] / b["median_step_s"] for a, b in zip(mine, theirs, strict=False)])
 
 
 def _targets(run: dict[str, Any], on_gpu: bool) -> list[str]:

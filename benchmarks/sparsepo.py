@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -50,10 +50,29 @@ METHODS: dict[str, dict[str, Any] | None] = {  # name -> SparsePOConfig override
 }
 LEARNED = "SparsePO (learned)"
 ACTIVATION = "SparsePO (activation)"
-SWEEPS = {LEARNED: "l1_sweep", ACTIVATION: "threshold_sweep"}
-"""Each mask's sparsity knob is swept at its chosen lr and chosen on validation like the lr: the learned mask's
-L1 weight (λ_u = λ_d) and the activation mask's threshold."""
-MASK_SETTINGS = ("mask_l1_reward", "mask_l1_kl", "mask_threshold")
+
+
+class MaskSweep(NamedTuple):
+    """One mask's sparsity knob: swept at the method's chosen lr, chosen on validation like the lr."""
+
+    stage: str  # the JSON list of its runs
+    grid: str  # the settings attribute with the values to sweep
+    keys: tuple[str, ...]  # the SparsePOConfig fields that take the value
+    label: str  # how a row of the seeds table names the value
+    column: str  # the sweep table's column for the value
+    title: str  # the sweep table's heading
+
+    def overrides(self, value: float) -> dict[str, float]:
+        return dict.fromkeys(self.keys, value)
+
+
+SWEEPS = {
+    LEARNED: MaskSweep("l1_sweep", "l1_weights", ("mask_l1_reward", "mask_l1_kl"), "L1", "L1 weight",
+                       "Learned mask: L1 weight (λ_u = λ_d, on each completion's summed mask)"),
+    ACTIVATION: MaskSweep("threshold_sweep", "thresholds", ("mask_threshold",), "threshold",
+                          "threshold", "Activation mask: threshold (weights below it become 0)"),
+}  # fmt: skip
+MASK_SETTINGS = tuple(key for sweep in SWEEPS.values() for key in sweep.keys)
 LRS_DPO = [1e-4, 3e-4, 1e-3, 3e-3]
 """DPO's grid; SparsePO's is [1e-4, 3e-4, 1e-3] (3e-3 dropped for time: DPO already collapsed at 1e-3)."""
 LRS_SPARSEPO = [1e-4, 3e-4, 1e-3]
@@ -294,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         ["python", "-m", "benchmarks.sparsepo", *(argv if argv is not None else sys.argv[1:])]
     )
-    data: dict[str, Any] = {"lr_sweep": [], "runs": [], "memory": [], **{stage: [] for stage in SWEEPS.values()}}
+    data: dict[str, Any] = {"lr_sweep": [], "runs": [], "memory": [], **{sw.stage: [] for sw in SWEEPS.values()}}
     if args.out.is_file() and not args.quick:  # resume: every finished run is kept
         data = {**data, **json.loads(args.out.read_text())}
     data.update(settings=vars(settings), seeds=seeds, command=command, memory_command=command)
@@ -325,11 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         data["chosen_lr"] = chosen = {
             m: max((r for r in data["lr_sweep"] if r["method"] == m), key=_validation_score)["lr"] for m in METHODS
         }
-        values = {LEARNED: sorted(settings.l1_weights, reverse=True), ACTIVATION: sorted(settings.thresholds, reverse=True)}
-        for method, stage in SWEEPS.items():  # the strongest first: does the mask become sparse?
-            run(stage, method, 0, chosen[method], both, **_mask_setting(method, values[method][0]))
+        values = {m: sorted(getattr(settings, sw.grid), reverse=True) for m, sw in SWEEPS.items()}
+        for method, sweep in SWEEPS.items():  # the strongest first: does the mask become sparse?
+            run(sweep.stage, method, 0, chosen[method], both, **sweep.overrides(values[method][0]))
         # a mask's sparsity knob is a hyperparameter like the lr: chosen on validation (0 = the lr sweep's run)
-        seed0 = {m: max((r for r in data["lr_sweep"] + data.get(SWEEPS.get(m, ""), [])
+        seed0 = {m: max((r for r in data["lr_sweep"] + (data[SWEEPS[m].stage] if m in SWEEPS else [])
                          if r["method"] == m and r["lr"] == chosen[m]), key=_validation_score) for m in METHODS}
         data["chosen_l1"] = seed0[LEARNED].get("mask_l1_reward", 0.0)
         data["chosen_threshold"] = seed0[ACTIVATION].get("mask_threshold", 0.0)
@@ -341,15 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds[1:]:
             for method in METHODS:
                 run("runs", method, seed, chosen[method], ("test",), **settings_of[method])
-        for method, stage in SWEEPS.items():  # the rest of the sweeps last (the seeds use the best value so far)
+        for method, sweep in SWEEPS.items():  # the rest of the sweeps last (the seeds use the best value so far)
             for value in values[method][1:]:
-                run(stage, method, 0, chosen[method], both, **_mask_setting(method, value))
+                run(sweep.stage, method, 0, chosen[method], both, **sweep.overrides(value))
     return publish(data, args.out)
-
-
-def _mask_setting(method: str, value: float) -> dict[str, float]:
-    """The SparsePOConfig overrides of one point of ``method``'s sparsity sweep."""
-    return {"mask_l1_reward": value, "mask_l1_kl": value} if method == LEARNED else {"mask_threshold": value}
 
 
 def _mask_settings_of(run: dict[str, Any]) -> dict[str, float]:
@@ -372,9 +386,9 @@ def publish(data: dict[str, Any], out: Path) -> int:
 
 
 def _setting_label(run: dict[str, Any]) -> str:
-    if run.get("mask_l1_reward"):
-        return f" (L1 {run['mask_l1_reward']:g})"
-    return f" (threshold {run['mask_threshold']:g})" if run.get("mask_threshold") else ""
+    sweep = SWEEPS.get(run["method"])
+    value = run.get(sweep.keys[0]) if sweep else None
+    return f" ({sweep.label} {value:g})" if value else ""
 
 
 def render(data: dict[str, Any]) -> str:
@@ -417,14 +431,10 @@ def render(data: dict[str, Any]) -> str:
     for r in sorted(data["lr_sweep"], key=lambda r: (list(METHODS).index(r["method"]), r["lr"])):
         v = r["validation"]
         lines.append(f"| {r['method']} | {r['lr']:g} | {v['exact_match']:.1%} | {v['margin']:.3f} |")
-    titles = {
-        LEARNED: ("Learned mask: L1 weight (λ_u = λ_d, on each completion's summed mask)", "mask_l1_reward", "L1 weight"),
-        ACTIVATION: ("Activation mask: threshold (weights below it become 0)", "mask_threshold", "threshold"),
-    }
-    for method, stage in SWEEPS.items():
+    for method, sweep in SWEEPS.items():
+        stage, key, title, column = sweep.stage, sweep.keys[0], sweep.title, sweep.column
         if not data.get(stage):
             continue
-        title, key, column = titles[method]
         lines += ["", f"{title} against density (validation split, seed 0; {column} 0 is the lr sweep's run at the "
                   "same lr):", "", f"| lr | {column} | mask density | mask mean | exact match | margin |",
                   "|---|---|---|---|---|---|"]  # fmt: skip

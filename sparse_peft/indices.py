@@ -66,9 +66,9 @@ def validate_indices(
             raise InvalidSparseIndicesError(
                 f"{where}: {kind} out of range: found [{lo}, {hi}] for a matrix of {numel} entries."
             )
-        if not increasing and (indices[1:] == indices[:-1]).any():
-            raise InvalidSparseIndicesError(f"{where}: {kind} contain duplicates.")
         if not increasing:
+            if (indices[1:] == indices[:-1]).any():
+                raise InvalidSparseIndicesError(f"{where}: {kind} contain duplicates.")
             raise InvalidSparseIndicesError(f"{where}: {kind} are not sorted in increasing order.")
     return indices.to(index_dtype(numel))
 
