@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .masks import sparse_delta_layers
+from .sharding import assign_in_place, full_tensor
 from .tuners._support import dense_grad_hooks
 from .tuners.sparse_delta.config import SparseDeltaConfig
 from .tuners.sparse_delta.layer import SparseDeltaLayer
@@ -117,20 +117,6 @@ def _regrow_choice(
     return cands[torch.topk(scores, min(n, scores.numel())).indices]
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a sharded DTensor (FSDP2) is gathered, a plain tensor is itself."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def _assign(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Write ``full`` into ``target`` in place; a DTensor keeps its sharding and takes its own shard of ``full``."""
-    if isinstance(target, DTensor):
-        shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-        target.to_local().copy_(shard.to_local())
-    else:
-        target.copy_(full)
-
-
 def _broadcast(indices: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(indices, src=0)
@@ -155,15 +141,15 @@ def replace_support(
     kept = old[pos] == new
 
     def moved(tensor: torch.Tensor) -> torch.Tensor:
-        full = _full(tensor)
+        full = full_tensor(tensor)
         return torch.where(kept, full[pos], torch.zeros_like(full))
 
-    _assign(values, moved(values))
+    assign_in_place(values, moved(values))
     layer.support_indices[adapter].copy_(new.to(layer.support_indices[adapter].dtype))
     state = getattr(optimizer, "state", {}).get(values, {}) if optimizer is not None else {}
     for tensor in state.values():
         if isinstance(tensor, torch.Tensor) and tensor.shape == values.shape:
-            _assign(tensor, moved(tensor))
+            assign_in_place(tensor, moved(tensor))
     return int((~kept).sum())
 
 
@@ -267,7 +253,7 @@ class DynamicMasks:
             n = grow.numel()
             new = active
             if n > 0:
-                drop = torch.topk(_full(values.detach()).abs().float(), n, largest=False).indices
+                drop = torch.topk(full_tensor(values.detach()).abs().float(), n, largest=False).indices
                 keep = torch.ones_like(active, dtype=torch.bool)
                 keep[drop] = False
                 new = torch.cat([active[keep], grow.to(active.device)]).sort().values

@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 from contract import ARCHS, Arch, TunerCase, TunerContract, logits
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from test_sparse_delta_contract import calibrate  # S2FT layers are sparse-delta layers: the same helper
 from transformers import (
@@ -262,6 +262,25 @@ def test_file_holds_values_and_channel_ids_only(tmp_path):
     reloaded = PeftModel.from_pretrained(_tiny(), tmp_path)
     batch = ARCHS["llama"].batch()
     torch.testing.assert_close(logits(reloaded, batch), logits(model, batch))
+
+
+def test_loading_other_channels_into_a_live_model_keeps_its_parameters():
+    """A Trainer under FSDP builds its optimizer before it loads the checkpoint: the load must write the file's
+    channels and values into the parameters the optimizer holds, not replace them."""
+    saved = get_peft_model(_tiny(), S2FTConfig(heads_ratio=0.5, channels_ratio=0.25, init_weights=False, seed=1))
+    state = get_peft_model_state_dict(saved)
+    model = get_peft_model(_tiny(), S2FTConfig(heads_ratio=0.5, channels_ratio=0.25, seed=2))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    set_peft_model_state_dict(model, state)
+    live = [p for p in model.parameters() if p.requires_grad]
+    assert len(live) == len(params) and all(a is b for a, b in zip(live, params, strict=True))  # the same objects
+    batch = ARCHS["llama"].batch()
+    torch.testing.assert_close(logits(model, batch), logits(saved, batch))
+    model(**batch).loss.backward()
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))  # the optimizer still trains them
 
 
 @pytest.mark.parametrize(

@@ -1,27 +1,47 @@
 """Run under ``torchrun --nproc_per_node 2``: every adapter type through TRL's SFTTrainer, 4 steps with checkpoints,
 then a second trainer resumes from step 2; both save their adapter under argv[1] (``<method>/final``,
-``<method>/resume/final``) with the number of DTensor (FSDP-sharded) parameters the trainer ended with.
+``<method>/resume/final``) with the number of DTensor (FSDP-sharded) parameters the trainer ended with and, per rank,
+a digest of the rank's supports (dynamic masks must reselect the same entries on every rank).
 
-argv[2] is ``fsdp`` (``fsdp_config={"fsdp_version": 2}``, on CUDA) or ``ddp`` (CPU, gloo). Accelerate routes FSDP
-only for GPU runs: on a CPU the same ``fsdp=`` arguments silently give DDP, so CPU runs use DDP explicitly.
+argv[2] is the mode (see :data:`MODES`): ``ddp`` (CPU, gloo); ``fsdp`` (FSDP2 through the Trainer's ``fsdp=``
+arguments, on CUDA); ``fsdp_cpu`` (the same arguments on CPU processes, full-state-dict checkpoints);
+``fsdp_cpu_launch`` (FSDP2 from ``accelerate launch --use_fsdp ...`` flags, see :data:`LAUNCH`, sharded checkpoints).
+The CPU FSDP modes use :func:`route_fsdp_on_cpu`.
 """
 
+import hashlib
 import sys
 from pathlib import Path
 
+import torch
 import trl
 from datasets import Dataset
 from sparse_peft.trainers import attach
 
 from sparse_peft.embedded.toy import tiny_llama
+from tests.distributed.cpu_fsdp import route_fsdp_on_cpu
 from tests.trl_helpers import SPARSE_METHODS, adapter_configs, word_tokenizer
 
 FSDP = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+MODES = {"ddp": {}, "fsdp": {**FSDP, "use_cpu": False}, "fsdp_cpu": FSDP,
+         "fsdp_cpu_launch": {}}  # FSDP from the launcher's flags, not from the arguments
+LAUNCH = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+          "--use_fsdp", "--fsdp_version", "2", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+          "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]  # the flags of the README's command (Many processes and GPUs)
 
 
 def same_rows() -> Dataset:
     """Identical rows: every rank's shard is the same batch, so two ranks × 2 rows equal one process × 4 rows."""
     return Dataset.from_dict({"prompt": ["w1 w2 w3"] * 32, "completion": [" w4 w5 w6 w7"] * 32})
+
+
+def support_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every buffer of the adapter (supports: indices, channel ids) in name order."""
+    digest = hashlib.sha256()
+    for name, buffer in sorted(model.named_buffers()):
+        if "sparse_delta_indices" in name or "s2ft_channels" in name:
+            digest.update(name.encode() + buffer.cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def train(out: Path, method: str, batch: int, resume: Path | None = None, use_cpu: bool = True, **extra) -> None:
@@ -32,18 +52,24 @@ def train(out: Path, method: str, batch: int, resume: Path | None = None, use_cp
                              processing_class=word_tokenizer(), peft_config=adapter_configs()[method])
     attach(trainer)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if trainer.is_fsdp_enabled:  # what PEFT's FSDP guide does: the final adapter from the full state dict
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out / "final"))
     sharded = sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters())
+    rank = trainer.args.process_index
+    (out / "final").mkdir(parents=True, exist_ok=True)  # only rank 0 saved into it
+    (out / "final" / f"supports_rank{rank}.txt").write_text(support_digest(trainer.model))
     if trainer.args.should_save:  # rank 0, which wrote the adapter
         (out / "final" / "dtensor_parameters.txt").write_text(str(sharded))  # proof that FSDP really sharded
 
 
 def main(out_dir: str, mode: str) -> None:
-    extra = {**FSDP, "use_cpu": False} if mode == "fsdp" else {}
+    if mode.startswith("fsdp_cpu"):
+        route_fsdp_on_cpu()
     for method in SPARSE_METHODS:
         first = Path(out_dir) / method
-        train(first, method, batch=2, **extra)
-        train(first / "resume", method, batch=2, resume=first / "checkpoint-2", **extra)
+        train(first, method, batch=2, **MODES[mode])
+        train(first / "resume", method, batch=2, resume=first / "checkpoint-2", **MODES[mode])
 
 
 if __name__ == "__main__":

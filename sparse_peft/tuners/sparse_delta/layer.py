@@ -27,6 +27,7 @@ from sparse_peft import triton_ops
 
 from ...indices import index_dtype, validate_indices
 from ...proximal import LambdaSchedule, ProximalLayer, soft_threshold_
+from ...sharding import assign_in_place
 from .._mixed_batch import mixed_batch_forward
 from .._quantized import base_weight
 
@@ -141,7 +142,9 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         seed: int = 0,
         values: torch.Tensor | None = None,
     ) -> None:
-        """Replace the support (and values) of an adapter; the delta must not be merged."""
+        """Replace the support (and values) of an adapter; the delta must not be merged. With the same number of
+        entries the values are written into the existing parameter, so an optimizer (and FSDP2's sharding) created
+        before, e.g. by a Trainer that loads a checkpoint after building its optimizer, keeps training them."""
         if adapter_name in self.merged_adapters:
             raise RuntimeError(
                 f"Cannot change the mask of merged adapter '{adapter_name}'; unmerge it first."
@@ -155,6 +158,10 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
                 gen = torch.Generator().manual_seed(seed)
                 values = torch.randn(k, generator=gen) * 0.1
         old = self.support_values[adapter_name] if adapter_name in self.support_values else None
+        if old is not None and old.numel() == k:
+            assign_in_place(old, values)
+            self.support_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(self.numel))
+            return
         dtype = old.dtype if old is not None else torch.float32
         requires_grad = old.requires_grad if old is not None else True
         self.support_values[adapter_name] = nn.Parameter(

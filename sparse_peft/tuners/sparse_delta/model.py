@@ -11,6 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ...index_codec import decode_indices, encode_indices
 from ...indices import (
@@ -263,7 +264,12 @@ class SparseDeltaModel(BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         """Next to each module's support and values the file gets an integrity header (``<prefix>header``: the
-        weight's shape and CRC-32s of support and values); the support is stored by :meth:`_encode_support`."""
+        weight's shape and CRC-32s of support and values); the support is stored by :meth:`_encode_support`.
+
+        A sharded state dict (FSDP2's DTensor values, as accelerate's ``SHARDED_STATE_DICT`` checkpoints take it
+        for torch.distributed.checkpoint) keeps the plain support, whose size is fixed by the budget (a coded
+        support's byte count changes when dynamic masks reselect, and a sharded load fills tensors of the sizes the
+        model has now), and no header: its checksum would need every rank's shard of the values."""
         saved = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         layers = sparse_delta_layers(model, kind=cls.tuner_layer_cls)
         marker = f".{cls.support_name}."
@@ -273,6 +279,9 @@ class SparseDeltaModel(BaseTuner):
                 module_key, adapter = key.split(marker, 1)
                 layer = layers.get(module_key.removeprefix(PEFT_PREFIX))
                 values = saved.get(f"{module_key}.{cls.values_name}.{adapter}")
+                if isinstance(values, DTensor):
+                    compact[key] = value
+                    continue
                 if layer is not None and values is not None:
                     header = integrity_header(layer.storage_shape, value, values)
                     compact[f"{module_key}.{cls.prefix}header.{adapter}"] = header
