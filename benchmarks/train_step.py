@@ -118,6 +118,9 @@ class Method:
     build: Callable[[nn.Module, StepSettings], nn.Module]
     # what the method runs after every optimizer step (prune/regrow, proximal step), timed with the step
     driver: Callable[[nn.Module, torch.optim.Optimizer], Callable[[int], None]] | None = None
+    # steps of one reselection period: at least this many steps are timed and the step time is their mean, so a
+    # reselection and its scoring window are paid in proportion (a median would hide them)
+    period: int | None = None
 
 
 def _full_ft(model: nn.Module, settings: StepSettings) -> nn.Module:
@@ -163,15 +166,22 @@ def _supertuning(model: nn.Module, settings: StepSettings) -> nn.Module:
     return get_peft_model(model, SupertuningConfig(sparsity=sparsity, target_modules=BLOCK_LINEARS))
 
 
-def _dynamic(model: nn.Module, settings: StepSettings) -> nn.Module:
-    from peft import get_peft_model
+def _dynamic(reselect_every: int) -> Callable[[nn.Module, StepSettings], nn.Module]:
+    def build(model: nn.Module, settings: StepSettings) -> nn.Module:
+        from peft import get_peft_model
 
-    from sparse_peft import SparseDeltaConfig
+        from sparse_peft import SparseDeltaConfig
 
-    config = SparseDeltaConfig(
-        r=settings.r, target_modules=BLOCK_LINEARS, seed=settings.seed, reselect_every=2, regrow="momentum"
-    )
-    return get_peft_model(model, config)
+        config = SparseDeltaConfig(
+            r=settings.r,
+            target_modules=BLOCK_LINEARS,
+            seed=settings.seed,
+            reselect_every=reselect_every,
+            regrow="momentum",
+        )
+        return get_peft_model(model, config)
+
+    return build
 
 
 def _dynamic_driver(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[int], None]:
@@ -217,7 +227,15 @@ METHODS: dict[str, Method] = {
         Method("supertuning", "PEFT supertuning", False, _supertuning),
         Method("sparse_delta_fused", "sparse_delta fused=True", True, _sparse_delta(True)),
         Method("sparse_delta_separate", "sparse_delta fused=False", True, _sparse_delta(False)),
-        Method("sparse_delta_dynamic", "sparse_delta dynamic (SpIEL)", True, _dynamic, _dynamic_driver),
+        Method("sparse_delta_dynamic", "sparse_delta dynamic, reselect every 2", True, _dynamic(2), _dynamic_driver),
+        Method(
+            "sparse_delta_dynamic20",
+            "sparse_delta dynamic, SpIEL's every 20 (mean of 20 steps)",
+            True,
+            _dynamic(20),
+            _dynamic_driver,
+            period=20,
+        ),
         Method("s2ft", "S2FT", True, _s2ft),
         Method("sora", "SoRA", True, _lowrank("sora"), _proximal_driver),
         Method(
@@ -408,7 +426,7 @@ def measure(
 
     set_mmap_threshold(TIMING_MMAP_THRESHOLD)
     times: list[float] = []
-    for i in range(settings.steps):
+    for i in range(max(settings.steps, method.period or 0)):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         tick = time.perf_counter()
@@ -417,9 +435,7 @@ def measure(
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - tick)
     if profile_rows:
-        _print_profile(
-            lambda: _train_step(model, optimizer, ids, after, n_warmup + settings.steps), profile_rows
-        )
+        _print_profile(lambda: _train_step(model, optimizer, ids, after, n_warmup + len(times)), profile_rows)
     return {
         "method": method.name,
         "label": method.label,
@@ -437,7 +453,8 @@ def measure(
         "model_and_step_bytes": peak - start,
         "ru_maxrss_bytes": _ru_maxrss(),
         "step_times_s": times,
-        "median_step_s": statistics.median(times),
+        "median_step_s": statistics.fmean(times) if method.period else statistics.median(times),
+        "period": method.period,
         "losses": losses,
         "setup_s": setup_s,
     }
@@ -517,7 +534,10 @@ def combine_rounds(records: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = int(statistics.median(r[key] for r in records))
     out["model_and_step_bytes"] = out["peak_bytes"] - out["start_bytes"]
     out["step_times_s"] = [t for r in records for t in r["step_times_s"]]
-    out["median_step_s"] = statistics.median(out["step_times_s"])
+    if out.get("period"):  # each round's figure is a whole period's mean
+        out["median_step_s"] = statistics.median(r["median_step_s"] for r in records)
+    else:
+        out["median_step_s"] = statistics.median(out["step_times_s"])
     out["rounds"] = [
         {k: r[k] for k in ("peak_bytes", "extra_bytes", "median_step_s", "setup_s")} for r in records
     ]

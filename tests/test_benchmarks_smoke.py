@@ -9,6 +9,7 @@ No timing assertions: CI machines are shared.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,9 @@ def test_quick_run_reports_every_method(quick_run: tuple[dict[str, Any], Path]) 
     for r in run["results"]:
         assert r["peak_bytes"] >= r["baseline_bytes"] > 0 and r["median_step_s"] > 0
         assert all(loss == loss for loss in r["losses"])  # no NaN
+        if r["period"]:  # a dynamic mask's whole reselection period is timed, and its mean is the step time
+            assert len(r["step_times_s"]) >= r["period"]
+            assert r["median_step_s"] == pytest.approx(statistics.fmean(r["step_times_s"]))
     markdown = out.read_text()
     for name, method in METHODS.items():
         assert method.label in markdown, name
