@@ -27,6 +27,10 @@ quickstart: setup
 # Debian chromium for the demo's browser test (skipped with a reason where it cannot be installed).
 test-setup: setup
 	$(BIN)/python -m tests.peft_upstream --fetch
+	# DeepSpeed for the ZeRO tests: a source package, built against the installed torch without prebuilt ops
+	@$(BIN)/python -c "import deepspeed" >/dev/null 2>&1 || { \
+	  $(BIN)/pip install --quiet setuptools wheel && \
+	  DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation "deepspeed==0.19.8"; }
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \

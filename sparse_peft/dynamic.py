@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .masks import sparse_delta_layers
-from .sharding import assign_in_place, full_tensor
+from .sharding import assign_in_place, check_editable, editing, element_states, full_tensor, set_element_state
 from .tuners._support import dense_grad_hooks
 from .tuners.sparse_delta.config import SparseDeltaConfig
 from .tuners.sparse_delta.layer import SparseDeltaLayer
@@ -144,12 +144,11 @@ def replace_support(
         full = full_tensor(tensor)
         return torch.where(kept, full[pos], torch.zeros_like(full))
 
-    assign_in_place(values, moved(values))
+    with editing([values]):
+        assign_in_place(values, moved(values))
     layer.support_indices[adapter].copy_(new.to(layer.support_indices[adapter].dtype))
-    state = getattr(optimizer, "state", {}).get(values, {}) if optimizer is not None else {}
-    for tensor in state.values():
-        if isinstance(tensor, torch.Tensor) and tensor.shape == values.shape:
-            assign_in_place(tensor, moved(tensor))
+    for key, tensor in element_states(optimizer, values).items():
+        set_element_state(optimizer, values, key, moved(tensor))
     return int((~kept).sum())
 
 
@@ -169,6 +168,8 @@ class DynamicMasks:
         self.history: list[ReselectionStats] = []
         self._scores: dict[tuple[str, str], _LayerScore] = {}
         self._handles: list[Any] = []
+        for adapter in self.adapters():  # reselection edits the values between steps
+            check_editable([layer.support_values[adapter] for layer in self._layers(adapter).values()])
 
     # ------------------------------------------------------------------ discovery
     def adapters(self) -> dict[str, SparseDeltaConfig]:

@@ -27,6 +27,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .sharding import check_editable, editing
+
 FORWARDS_BEFORE_WARNING = 64
 """Training forwards without a proximal step before :meth:`ProximalLayer.note_training_forward` warns (more than any
 usual gradient accumulation between two optimizer steps)."""
@@ -42,6 +44,7 @@ __all__ = [
     "group_norms",
     "no_weight_decay_parameters",
     "param_groups",
+    "penalized_parameters",
     "soft_threshold_",
     "sparsity_report",
 ]
@@ -245,13 +248,15 @@ def apply_proximal_step(
     for _, layer in _proximal_layers(model):
         layer._forwards_without_step = 0
         for adapter in layer.proximal_adapters():
+            check_editable(layer.penalized_parameters(adapter))  # before the lr: ZeRO-3 would read as lr 0
             lam = layer.sparse_schedule[adapter].value(step, total_steps)
             used[adapter] = lam
             if lam <= 0:
                 continue
             step_size = lr(layer.penalized_parameters(adapter)[0]) if callable(lr) else float(lr)
             if step_size > 0:
-                layer.proximal_step(adapter, step_size, lam)
+                with editing(layer.penalized_parameters(adapter)):  # DeepSpeed ZeRO: its master copies too
+                    layer.proximal_step(adapter, step_size, lam)
     return used
 
 
@@ -273,6 +278,12 @@ def sparsity_report(model: nn.Module, adapter_name: str | None = None) -> dict[s
 
 
 # --------------------------------------------------------------------------------------------------- weight decay
+def penalized_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter that the next :func:`apply_proximal_step` edits (active, trainable, unmerged adapters)."""
+    return [p for _, layer in _proximal_layers(model) for a in layer.proximal_adapters()
+            for p in layer.penalized_parameters(a)]
+
+
 def no_weight_decay_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that must not be weight-decayed: SoRA gates (decay would add an L2 pull to the L1 proximal step)."""
     params: list[nn.Parameter] = []

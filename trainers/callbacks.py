@@ -30,8 +30,10 @@ from sparse_peft.proximal import (
     LearningRate,
     apply_proximal_step,
     no_weight_decay_parameters,
+    penalized_parameters,
     sparsity_report,
 )
+from sparse_peft.sharding import check_editable, groups_with_parameters
 
 __all__ = [
     "DynamicMaskHook",
@@ -79,6 +81,9 @@ class ProximalHook(SparseHook):
     def __init__(self, log_per_module: bool = True) -> None:
         self.log_per_module = log_per_module
         self._lambdas: dict[str, float] = {}
+
+    def on_train_begin(self, model: nn.Module, optimizer: Any) -> None:
+        check_editable(penalized_parameters(model))  # refuse DeepSpeed ZeRO-3 before the first step, not after it
 
     def on_optimizer_step(
         self, model: nn.Module, lr: LearningRate, step: int, total_steps: int | None
@@ -163,9 +168,9 @@ def registered_hooks() -> list[SparseHook]:
 def _learning_rates(optimizer: Any) -> Callable[[nn.Parameter], float]:
     """Map a parameter to the lr its optimizer group used in the step just taken (0 if it is not optimized)."""
     table: dict[int, float] = {}
-    for group in getattr(optimizer, "param_groups", []):
+    for group, params in groups_with_parameters(optimizer):
         lr = float(group.get("lr", 0.0))
-        for p in group["params"]:
+        for p in params:
             table[id(p)] = lr
     return lambda p: table.get(id(p), 0.0)
 
@@ -174,9 +179,9 @@ def _decayed(optimizer: Any, params: Sequence[nn.Parameter]) -> list[nn.Paramete
     wanted = {id(p) for p in params}
     return [
         p
-        for group in getattr(optimizer, "param_groups", [])
+        for group, group_params in groups_with_parameters(optimizer)
         if group.get("weight_decay", 0.0)
-        for p in group["params"]
+        for p in group_params
         if id(p) in wanted
     ]
 
