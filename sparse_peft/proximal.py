@@ -248,14 +248,15 @@ def apply_proximal_step(
     for _, layer in _proximal_layers(model):
         layer._forwards_without_step = 0
         for adapter in layer.proximal_adapters():
-            check_editable(layer.penalized_parameters(adapter))  # before the lr: ZeRO-3 would read as lr 0
+            params = layer.penalized_parameters(adapter)
+            check_editable(params)  # before the lr: ZeRO-3 would read as lr 0
             lam = layer.sparse_schedule[adapter].value(step, total_steps)
             used[adapter] = lam
             if lam <= 0:
                 continue
-            step_size = lr(layer.penalized_parameters(adapter)[0]) if callable(lr) else float(lr)
+            step_size = lr(params[0]) if callable(lr) else float(lr)
             if step_size > 0:
-                with editing(layer.penalized_parameters(adapter)):  # DeepSpeed ZeRO: its master copies too
+                with editing(params):  # DeepSpeed ZeRO: its master copies too
                     layer.proximal_step(adapter, step_size, lam)
     return used
 

@@ -89,10 +89,9 @@ def groups_with_parameters(optimizer: Any) -> list[tuple[dict[str, Any], list[nn
     """Each optimizer group with the model parameters it trains (a ZeRO-1/2 optimizer's groups hold flat partitions:
     the model parameters are its ``bit16_groups``)."""
     inner = _innermost(optimizer)
-    groups = getattr(optimizer, "param_groups", [])
     if hasattr(inner, "bit16_groups"):
         return list(zip(inner.param_groups, inner.bit16_groups, strict=True))
-    return [(group, list(group["params"])) for group in groups]
+    return [(group, list(group["params"])) for group in getattr(optimizer, "param_groups", [])]
 
 
 def element_states(optimizer: Any, param: nn.Parameter) -> dict[str, torch.Tensor]:

@@ -73,7 +73,8 @@ def test_two_processes_equal_a_single_process_run(runs, tmp_path, method):
     final = _trained(mode, out, method) / "final"
     sharded = int((final / "dtensor_parameters.txt").read_text())
     assert (sharded > 0) == mode.startswith("fsdp")  # FSDP really sharded; the others did not
-    assert (final / "wrapped.txt").read_text() == WRAPPERS.get(mode, (final / "wrapped.txt").read_text())
+    if mode in WRAPPERS:  # DDP or DeepSpeed's engine really wrapped the model
+        assert (final / "wrapped.txt").read_text() == WRAPPERS[mode]
     train(tmp_path / method, method, batch=4)  # one process, the two ranks' rows in one batch
     _assert_same(_adapter(tmp_path / method / "final"), _adapter(out / method / "final"))
 

@@ -160,13 +160,12 @@ class SparseDeltaLayer(nn.Module, BaseTunerLayer, ProximalLayer):
         old = self.support_values[adapter_name] if adapter_name in self.support_values else None
         if old is not None and old.numel() == k:
             assign_in_place(old, values)
-            self.support_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(self.numel))
-            return
-        dtype = old.dtype if old is not None else torch.float32
-        requires_grad = old.requires_grad if old is not None else True
-        self.support_values[adapter_name] = nn.Parameter(
-            values.detach().to(device=device, dtype=dtype), requires_grad=requires_grad
-        )
+        else:
+            dtype = old.dtype if old is not None else torch.float32
+            requires_grad = old.requires_grad if old is not None else True
+            self.support_values[adapter_name] = nn.Parameter(
+                values.detach().to(device=device, dtype=dtype), requires_grad=requires_grad
+            )
         self.support_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(self.numel))
 
     def _weight_device(self) -> torch.device:
