@@ -33,6 +33,7 @@ from .report import median_seconds, ratio_spread, section_arguments
 from .train_step import BLOCK_LINEARS, SIZES, ModelSpec
 
 DOC = Path("docs/adapters.json")
+SWITCHED = ("lora", "sparse_delta", "sparse_delta_blocks", "s2ft")  # methods whose switch and load are timed
 
 
 def _configs(r: int, model: nn.Module) -> dict[str, tuple[str, Callable[[int], Any]]]:
@@ -61,6 +62,10 @@ def _configs(r: int, model: nn.Module) -> dict[str, tuple[str, Callable[[int], A
         "sparse_delta": (
             "sparse_delta",
             lambda s: SparseDeltaConfig(r=r, target_modules=BLOCK_LINEARS, seed=s, init_weights=False),
+        ),
+        "sparse_delta_blocks": (
+            "sparse_delta, blocks of 16",
+            lambda s: SparseDeltaConfig(r=r, target_modules=BLOCK_LINEARS, seed=s, init_weights=False, block_size=16),
         ),
         "s2ft": ("S2FT", lambda s: S2FTConfig(r=r, seed=s, init_weights=False)),
         "sora": ("SoRA", lambda s: SoraConfig(r=r, target_modules=BLOCK_LINEARS, init_weights=False)),
@@ -95,6 +100,23 @@ def first_token_rounds(base: nn.Module, ids: torch.Tensor, loads: dict[str, Path
             results[name]["first_token_ratio_rounds"] = [a / b for a, b in zip(values, times["lora"], strict=True)]
 
 
+def forward_latency(base: nn.Module, ids: torch.Tensor, loads: dict[str, Path],
+                    results: dict[str, dict[str, Any]], repeats: int) -> None:  # fmt: skip
+    """First-token latency once an adapter is loaded: one forward unmerged (LoRA: its extra matmuls; ours: the fused
+    path) and merged (every method: the base's matmuls on the merged weights)."""
+    from peft import PeftModel
+
+    for name, path in loads.items():
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), path)
+        forward = lambda m=loaded: m(input_ids=ids).logits[:, -1].argmax(-1)  # noqa: E731
+        forward()
+        results[name]["forward_unmerged_s"] = median_seconds(forward, repeats)
+        loaded.merge_adapter()
+        forward()
+        results[name]["forward_merged_s"] = median_seconds(forward, repeats)
+        del loaded
+
+
 def measure(spec: ModelSpec, r: int, repeats: int, load_rounds: int) -> dict[str, Any]:
     from peft import PeftModel, get_peft_model
     from peft.utils.hotswap import hotswap_adapter
@@ -116,7 +138,7 @@ def measure(spec: ModelSpec, r: int, repeats: int, load_rounds: int) -> dict[str
                 record["trainable_params"] = model.get_nb_trainable_parameters()[0]
                 model.save_pretrained(Path(tmp) / name)  # a non-default adapter goes to <dir>/<adapter name>
                 record["file_bytes"] = (Path(tmp) / name / "a" / "adapter_model.safetensors").stat().st_size
-                if name in ("lora", "sparse_delta", "s2ft"):  # the fused switch between two adapters
+                if name in SWITCHED:  # the fused switch between two adapters
                     model.add_adapter("b", make(2))
                     model.save_pretrained(Path(tmp) / name, selected_adapters=["b"])
                     model.set_adapter("a")
@@ -140,8 +162,12 @@ def measure(spec: ModelSpec, r: int, repeats: int, load_rounds: int) -> dict[str
                             lambda s=switcher: s.activate("a" if s.active == "b" else "b"), repeats
                         )
                         entries = [e for plan in switcher._plans.values() for e in plan or ()]
-                        # per switch: each entry of both adapters reads an int64 index and a value, writes a value
-                        record["plan_switch_bytes"] = sum(e.indices.numel() for e in entries) * (8 + 2 * 4)
+                        # per switch: each index copy of both adapters reads its int64 indices (one per entry, or per
+                        # run of 16 entries) and its values, and writes the values
+                        record["plan_switch_bytes"] = sum(
+                            w.index.numel() * 8 + 2 * w.merged.numel() * w.merged.element_size()
+                            for e in entries for w in e.writes
+                        )
                         # ... but memory moves whole 64-byte lines: every line holding an entry is read and written
                         lines = sum(
                             torch.unique(e.indices // (64 // e.flat_weight.element_size())).numel() for e in entries
@@ -163,6 +189,7 @@ def measure(spec: ModelSpec, r: int, repeats: int, load_rounds: int) -> dict[str
             except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
                 record["error"] = f"{type(exc).__name__}: {exc}"
         first_token_rounds(base, ids, loads, results, load_rounds)
+        forward_latency(base, ids, loads, results, repeats)
     with torch.no_grad():
         tick = time.perf_counter()
         base(input_ids=ids).logits[:, -1].argmax(-1)
@@ -175,6 +202,10 @@ def measure(spec: ModelSpec, r: int, repeats: int, load_rounds: int) -> dict[str
         "base_forward_s": base_forward,
         "total_params": sum(p.numel() for p in base.parameters()),
     }
+
+
+def _faster(ratio: float, than: str) -> str:
+    return f"{ratio:.1f}x faster than {than}" if ratio >= 1 else f"{1 / ratio:.1f}x slower than {than}"
 
 
 def render(data: dict[str, Any]) -> str:
@@ -194,12 +225,12 @@ def render(data: dict[str, Any]) -> str:
         *([data["note"], ""] if data.get("note") else []),
         "| method | trainable params | adapter file (KiB) | / LoRA | fused switch (ms) | LoRA / this | "
         "planned switch (ms) | LoRA / planned | load + merge + first token (ms) | / LoRA per round: median "
-        "(min-max) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(min-max) | first token unmerged (ms) | first token merged (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res.values():
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error']} |||||||||")
+            lines.append(f"| {r['label']} | failed: {r['error']} |||||||||||")
             continue
         size_ratio = r["file_bytes"] / lora["file_bytes"] if lora.get("file_bytes") else float("nan")
         switch = f"{r['switch_s'] * 1e3:,.1f}" if "switch_s" in r else ""
@@ -210,9 +241,10 @@ def render(data: dict[str, Any]) -> str:
         plan_speedup = (
             f"{lora['switch_s'] / r['plan_switch_s']:.0f}x" if "plan_switch_s" in r and "switch_s" in lora else ""
         )
+        unmerged, merged = (f"{r[k] * 1e3:,.0f}" if k in r else "" for k in ("forward_unmerged_s", "forward_merged_s"))
         lines.append(
             f"| {r['label']} | {r['trainable_params']:,} | {r['file_bytes'] / 1024:,.0f} | {size_ratio:.2f} "
-            f"| {switch} | {speedup} | {planned} | {plan_speedup} | {first} | {first_ratio} |"
+            f"| {switch} | {speedup} | {planned} | {plan_speedup} | {first} | {first_ratio} | {unmerged} | {merged} |"
         )
     if "hotswap_s" in lora:
         lines += [
@@ -221,13 +253,24 @@ def render(data: dict[str, Any]) -> str:
             f"forward) takes {lora['hotswap_s'] * 1e3:,.1f} ms here, file read included. One base forward of 16 "
             f"tokens takes {data['base_forward_s'] * 1e3:,.0f} ms.",
         ]
+        lines += [""] + [
+            f"- {r['label']}: planned switch {r['plan_switch_s'] * 1e3:,.1f} ms = "
+            f"{lora['switch_s'] / r['plan_switch_s']:.0f}x faster than LoRA's merge switch, "
+            + _faster(lora["hotswap_s"] / r["plan_switch_s"], "PEFT's `hotswap_adapter`")
+            + (f"; load + merge + first token {ratio_spread(r['first_token_ratio_rounds'])} of LoRA's"
+               if "first_token_ratio_rounds" in r else "")
+            for r in res.values()
+            if "plan_switch_s" in r and "switch_s" in lora
+        ]
     planned = [r for r in res.values() if "plan_switch_s" in r]
     if planned and "copy_bytes_per_s" in data:
         lines += [
             "",
             "Planned switch (`sparse_peft.hotswap.AdapterSwitcher.activate`): per weight, the saved base entries of "
-            "the leaving adapter and the precomputed merged entries of the next one are written with two index copies, "
-            "without PEFT's per-module merge bookkeeping (bit-identical to `set_adapter` + `merge_adapter`, tested). "
+            "the leaving adapter and the precomputed merged entries of the next one are written with index copies "
+            "(entries filling aligned runs of 16 as rows of a `(-1, 16)` view, one index per run; the rest one index "
+            "per entry), without PEFT's per-module merge bookkeeping (bit-identical to `set_adapter` + "
+            "`merge_adapter`, tested). "
             + f"This machine copies at {data['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write, a 64 MiB `copy_`). "
             + "; ".join(
                 f"{r['label']}: {r['plan_switch_bytes'] / r['plan_switch_s'] / 1e9:.1f} GB/s of index + value bytes, "
@@ -238,13 +281,14 @@ def render(data: dict[str, Any]) -> str:
                 for r in planned
                 if "plan_switch_line_bytes" in r
             )
-            + ". At a few percent density nearly every cache line of a weight holds an entry, so a switch costs "
-            "about a pass over the touched lines: that, not bookkeeping, bounds it on a CPU.",
+            + ". With single entries at a few percent density most cache lines of a weight hold an entry, so a "
+            "switch costs about a pass over the touched lines: that, not bookkeeping, bounds it on a CPU. Blocks of "
+            "16 (`SparseDeltaConfig(block_size=16)`) fill whole lines, so a switch touches only the lines it changes.",
         ]
     lines += [
         "",
-        "Our adapter files store indices as LEB128-coded gaps (`sparse_peft/index_codec.py`), S2FT files store "
-        "channel ids only. The fused switch is `unmerge_adapter(); set_adapter(next); merge_adapter()` for every "
+        "Our adapter files store indices as LEB128-coded gaps (`sparse_peft/index_codec.py`; block-structured "
+        "supports their block ids), S2FT files store channel ids only. The fused switch is `unmerge_adapter(); set_adapter(next); merge_adapter()` for every "
         "method: PEFT LoRA recomputes and adds `B @ A` per layer, ours scatters the saved originals back and adds "
         "the new values (O(nnz), bit-exact restore).",
         "",

@@ -97,6 +97,7 @@ METHODS = {
         Method("shira (PEFT)", (1e-3, 3e-3, 1e-2), _shira),
         Method("sparse_delta random", (1e-3, 3e-3, 1e-2), _sparse("random"), composable=True),
         Method("sparse_delta gradient", (1e-3, 3e-3, 1e-2), _sparse("gradient"), composable=True),
+        Method("sparse_delta blocks", (1e-3, 3e-3, 1e-2), _sparse("gradient", block_size=16)),
         Method("sparse_delta dynamic", (1e-3, 3e-3, 1e-2), _sparse("gradient", reselect_every=20, regrow_window=5)),
         Method("SoRA", (3e-4, 1e-3, 3e-3), _sora),
         Method("group-sparse LoRA", (3e-4, 1e-3, 3e-3), _gs_lora),

@@ -142,14 +142,14 @@ def _shira(model: nn.Module, settings: StepSettings) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def _sparse_delta(fused: bool) -> Callable[[nn.Module, StepSettings], nn.Module]:
+def _sparse_delta(fused: bool, block_size: int = 1) -> Callable[[nn.Module, StepSettings], nn.Module]:
     def build(model: nn.Module, settings: StepSettings) -> nn.Module:
         from peft import get_peft_model
 
         from sparse_peft import SparseDeltaConfig
 
         config = SparseDeltaConfig(
-            r=settings.r, target_modules=BLOCK_LINEARS, fused=fused, seed=settings.seed
+            r=settings.r, target_modules=BLOCK_LINEARS, fused=fused, seed=settings.seed, block_size=block_size
         )
         return get_peft_model(model, config)
 
@@ -227,6 +227,7 @@ METHODS: dict[str, Method] = {
         Method("supertuning", "PEFT supertuning", False, _supertuning),
         Method("sparse_delta_fused", "sparse_delta fused=True", True, _sparse_delta(True)),
         Method("sparse_delta_separate", "sparse_delta fused=False", True, _sparse_delta(False)),
+        Method("sparse_delta_blocks", "sparse_delta fused=True, blocks of 16", True, _sparse_delta(True, 16)),
         Method("sparse_delta_dynamic", "sparse_delta dynamic, reselect every 2", True, _dynamic(2), _dynamic_driver),
         Method(
             "sparse_delta_dynamic20",

@@ -3,7 +3,9 @@
 For sparse adapters (SPARSE_DELTA, S2FT) a switch is an O(nnz) scatter that writes the saved originals back
 (bit-exact) and the next adapter's merged entries in. A per-adapter switch plan (the base entries under the
 adapter and those entries with the delta added, computed once with the merge's own arithmetic) turns each switch into
-two index copies per weight, with no per-module PEFT bookkeeping: memory speed. The weight tensors are updated in
+two index copies per weight, with no per-module PEFT bookkeeping: memory speed. Entries that fill aligned runs of
+16 (``SparseDeltaConfig(block_size=16)``, S2FT's head columns) are copied as whole runs, so a switch touches only
+the cache lines it changes. The weight tensors are updated in
 place, so the
 :meth:`AdapterSwitcher.serving_model` (the bare architecture sharing those tensors) can be ``torch.compile``d once
 and never recompiles on a switch. The same calls work for any PEFT adapter
@@ -32,18 +34,55 @@ BASE = "base"
 """Name that selects the bare base model (no adapter)."""
 
 
+_RUN = 16
+"""Entries that fill aligned runs of this many (16 fp32: one 64-byte cache line), as block-structured supports and
+S2FT's head rows do, are written as whole rows of a ``(-1, _RUN)`` view of the weight: one index per run."""
+
+
+@dataclass(frozen=True)
+class _Write:
+    """One index copy of a switch: ``target.index_copy_(0, index, merged or originals)``."""
+
+    target: torch.Tensor
+    index: torch.Tensor
+    originals: torch.Tensor
+    merged: torch.Tensor
+
+
 @dataclass(frozen=True)
 class _Entry:
     layer: SparseDeltaLayer
     flat_weight: torch.Tensor  # a flat view of the live base weight
     indices: torch.Tensor  # int64, sorted
-    originals: torch.Tensor  # the base entries under the adapter
-    merged: torch.Tensor  # the same entries with the (scaled) delta added, as merge() computes them
+    originals: torch.Tensor  # the base entries under the adapter (in index order: the layer's own unmerge reads it)
+    writes: tuple[_Write, ...]  # whole aligned runs, then the remaining single entries
     version: int  # of the adapter's values when the plan was made: a trained adapter gets a new plan
 
     def on_live_weight(self) -> bool:
         """The layer still holds the weight storage this entry writes into (moving the model replaces it)."""
         return self.layer.get_base_layer().weight.data_ptr() == self.flat_weight.data_ptr()
+
+
+def _writes(flat: torch.Tensor, indices: torch.Tensor, originals: torch.Tensor,
+            merged: torch.Tensor) -> tuple[_Write, ...]:  # fmt: skip
+    """Split a weight's entries into whole aligned runs of ``_RUN`` (one row of the ``(-1, _RUN)`` view each) and
+    the rest. A support made only of runs (or only of single entries) is written from views of the plan's tensors;
+    a mixed one keeps each part as its own copy."""
+    if flat.numel() % _RUN or indices.numel() < _RUN:
+        return (_Write(flat, indices, originals, merged),)
+    run_ids, counts = torch.unique_consecutive(indices // _RUN, return_counts=True)
+    whole = counts == _RUN  # sorted unique indices: a run with _RUN entries is the whole aligned run
+    if not bool(whole.any()):
+        return (_Write(flat, indices, originals, merged),)
+    rows = flat.view(-1, _RUN)
+    if bool(whole.all()):
+        return (_Write(rows, run_ids, originals.view(-1, _RUN), merged.view(-1, _RUN)),)
+    in_run = torch.repeat_interleave(whole, counts)
+    rest = ~in_run
+    return (
+        _Write(rows, run_ids[whole], originals[in_run].view(-1, _RUN), merged[in_run].view(-1, _RUN)),
+        _Write(flat, indices[rest], originals[rest], merged[rest]),
+    )
 
 
 def _switch_plan(model: PeftModel, name: str) -> list[_Entry] | None:
@@ -66,7 +105,8 @@ def _switch_plan(model: PeftModel, name: str) -> list[_Entry] | None:
         merged = originals.clone()
         triton_ops.scatter_add_(merged, torch.arange(merged.numel(), device=merged.device),
                                 module.delta_values(name).detach())
-        entries.append(_Entry(module, flat, indices, originals, merged, module.support_values[name]._version))
+        writes = _writes(flat, indices, originals, merged)
+        entries.append(_Entry(module, flat, indices, originals, writes, module.support_values[name]._version))
     return entries
 
 
@@ -136,11 +176,12 @@ class AdapterSwitcher:
         )
 
     def _write(self, name: str, plan: list[_Entry], merge: bool) -> None:
-        """Two index copies per weight, and the layers' own merge bookkeeping kept exact, so PEFT's
+        """One or two index copies per weight, and the layers' own merge bookkeeping kept exact, so PEFT's
         ``unmerge_adapter`` / ``merge_and_unload`` and the layers' forwards see a normal merged adapter."""
         for entry in plan:
             layer = entry.layer
-            entry.flat_weight.index_copy_(0, entry.indices, entry.merged if merge else entry.originals)
+            for write in entry.writes:
+                write.target.index_copy_(0, write.index, write.merged if merge else write.originals)
             if merge:
                 layer.merged_adapters.append(name)
                 layer._merge_originals[name] = entry.originals  # only read (by an unmerge)

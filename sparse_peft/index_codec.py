@@ -62,3 +62,32 @@ def decode_indices(code: torch.Tensor, where: str = "sparse delta") -> torch.Ten
     if bool((code[1:] == 0).any()) and bool((indices[1:] == indices[:-1]).any()):
         raise InvalidSparseIndicesError(f"{where}: the encoded indices contain duplicates (a zero gap).")
     return indices
+
+
+def block_ids(indices: torch.Tensor, block_size: int) -> torch.Tensor | None:
+    """The ids ``b`` of the aligned blocks ``[b * block_size, (b + 1) * block_size)`` that sorted ``indices``
+    consist of exactly, or None when they are not whole aligned blocks."""
+    idx = indices.detach().to("cpu", torch.int64)
+    if block_size < 2 or idx.numel() % block_size:
+        return None
+    blocks = idx.view(-1, block_size)
+    starts = blocks[:, 0]
+    offsets = torch.arange(block_size).expand_as(blocks)
+    if bool((starts % block_size).any()) or not torch.equal(blocks - starts[:, None], offsets):
+        return None
+    return starts // block_size
+
+
+def encode_blocks(ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """One code for a support of whole aligned blocks: the block size, then the block ids, as the increasing
+    sequence ``block_size, block_size + 1 + id_0, block_size + 1 + id_1, ...`` in :func:`encode_indices`' code."""
+    return encode_indices(torch.cat([torch.tensor([block_size]), ids.to("cpu", torch.int64) + block_size + 1]))
+
+
+def decode_blocks(code: torch.Tensor, where: str = "sparse delta") -> tuple[torch.Tensor, int]:
+    """(block ids, block size) from :func:`encode_blocks`' bytes; a malformed code raises, naming ``where``."""
+    sequence = decode_indices(code, where)
+    if sequence.numel() < 2 or int(sequence[0]) < 2:
+        raise InvalidSparseIndicesError(f"{where}: the block-coded indices have no block size or no blocks.")
+    block_size = int(sequence[0])
+    return sequence[1:] - (block_size + 1), block_size

@@ -34,11 +34,12 @@ def validate_indices(
     values: torch.Tensor | None = None,
     where: str = "sparse delta",
     kind: str = "indices",
+    unit: str = "entries",
 ) -> torch.Tensor:
     """Check ``indices`` and return them in the canonical dtype for ``numel``; raise with a clear message if bad.
 
     ``kind`` names them in the messages (S2FT validates its ``"channel ids"`` against the sliced axis with this
-    same check)."""
+    same check), ``unit`` what ``numel`` counts (block-coded supports are checked as block ids)."""
     if not isinstance(indices, torch.Tensor):
         raise InvalidSparseIndicesError(f"{where}: {kind} must be a tensor, got {type(indices).__name__}.")
     if indices.dtype not in (torch.int32, torch.int64):
@@ -57,20 +58,27 @@ def validate_indices(
             )
     if indices.numel() > numel:
         raise InvalidSparseIndicesError(
-            f"{where}: {indices.numel()} {kind} for a matrix of only {numel} entries."
+            f"{where}: {indices.numel()} {kind} for a matrix of only {numel} {unit}."
         )
     if indices.numel():
         increasing = bool((indices[1:] > indices[:-1]).all())  # then the ends are the extremes: no min/max passes
         lo, hi = (int(indices[0]), int(indices[-1])) if increasing else (int(indices.min()), int(indices.max()))
         if lo < 0 or hi >= numel:
             raise InvalidSparseIndicesError(
-                f"{where}: {kind} out of range: found [{lo}, {hi}] for a matrix of {numel} entries."
+                f"{where}: {kind} out of range: found [{lo}, {hi}] for a matrix of {numel} {unit}."
             )
         if not increasing:
             if (indices[1:] == indices[:-1]).any():
                 raise InvalidSparseIndicesError(f"{where}: {kind} contain duplicates.")
             raise InvalidSparseIndicesError(f"{where}: {kind} are not sorted in increasing order.")
     return indices.to(index_dtype(numel))
+
+
+def expand_blocks(block_ids: torch.Tensor, block_size: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Flat indices (of ``dtype``) of the aligned blocks ``[b * block_size, (b + 1) * block_size)`` for sorted
+    ``block_ids``."""
+    offsets = torch.arange(block_size, device=block_ids.device, dtype=dtype)
+    return (block_ids.to(dtype)[:, None] * block_size + offsets).reshape(-1)
 
 
 def rows_cols(indices: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,14 +45,19 @@ def _score_hooks(layer: SparseDeltaLayer, score: torch.Tensor, snip: bool) -> li
 
 
 @torch.no_grad()
-def _reselect(layer: SparseDeltaLayer, adapter_name: str, score: torch.Tensor) -> None:
+def _reselect(layer: SparseDeltaLayer, adapter_name: str, score: torch.Tensor, block_size: int = 1) -> None:
     k = layer.support_values[adapter_name].numel()
-    if int((score.reshape(-1) >= 0).sum()) < k:
+    indices = top_k_indices(score, k, block_size).to(score.device)
+    if bool((score.reshape(-1)[indices] < 0).any()):
         raise ValueError(
             f"sparse_delta adapter '{adapter_name}': {k} entries asked but fewer are outside the excluded support."
         )
-    layer.set_adapter_indices(adapter_name, top_k_indices(score, k).to(score.device))
+    layer.set_adapter_indices(adapter_name, indices)
     layer.needs_calibration[adapter_name] = False
+
+
+def _block_size(model: nn.Module, adapter_name: str) -> int:
+    return getattr(getattr(model, "peft_config", {}).get(adapter_name), "block_size", 1)
 
 
 def select_masks(
@@ -100,6 +105,7 @@ def select_masks(
     if not batches:
         raise ValueError("select_masks: at least one calibration batch is needed.")
     loss_fn = loss_fn or batch_loss
+    block_size = _block_size(model, adapter_name)
     names = list(layers)
     group = layers_per_pass or len(names)
     was_training = model.training
@@ -125,7 +131,7 @@ def select_masks(
                     loss = loss_fn(model, batch)
                     loss.backward()
             for n in chunk:
-                _reselect(layers[n], adapter_name, _excluding(scores[n], exclude, n))
+                _reselect(layers[n], adapter_name, _excluding(scores[n], exclude, n), block_size)
                 del scores[n]
     finally:
         for n, p in model.named_parameters():
@@ -155,5 +161,6 @@ def select_from_changes(
             raise ValueError(f"select_from_changes: {name!r} is {tuple(other.weight.shape)} in the fine-tuned model "
                              f"but {tuple(base.shape)} here.")
         change = (other.weight.detach().float().to(base.device) - layer.dense_weight().float()).abs_()
-        _reselect(layer, adapter_name, _excluding(change.reshape(layer.storage_shape), exclude, name))
+        score = _excluding(change.reshape(layer.storage_shape), exclude, name)
+        _reselect(layer, adapter_name, score, _block_size(model, adapter_name))
     return {n: layer.support_values[adapter_name].numel() for n, layer in layers.items()}

@@ -63,10 +63,13 @@ def test_sections_report_sizes_switching_and_kernels(quick_run: tuple[dict[str, 
     results = adapters["results"]
     assert not [name for name, r in results.items() if "error" in r]
     lora = results["lora"]["file_bytes"]
-    for ours in ("sparse_delta", "s2ft", "sora", "group_sparse_lora"):  # issue 9: files <= 1.5x LoRA's
+    for ours in ("sparse_delta", "sparse_delta_blocks", "s2ft", "sora", "group_sparse_lora"):  # files <= 1.5x LoRA's
         assert results[ours]["file_bytes"] <= 1.5 * lora, (ours, results[ours]["file_bytes"] / lora)
     assert results["shira"]["file_bytes"] > 2 * lora  # PEFT's index format, for contrast
     assert {"switch_s", "first_token_s"} <= set(results["sparse_delta"]) and "hotswap_s" in results["lora"]
+    timed = {"plan_switch_s", "first_token_s", "forward_unmerged_s", "forward_merged_s"}
+    assert timed <= set(results["sparse_delta_blocks"]) and timed <= set(results["s2ft"])
+    assert results["sparse_delta_blocks"]["file_bytes"] < results["sparse_delta"]["file_bytes"]  # an index per block
     kernels = json.loads((out.parent / "kernels.json").read_text())
     assert kernels["path"] == "torch" and "CPU" in kernels["meta"]["device"]
     markdown = out.read_text()

@@ -14,6 +14,8 @@ from sparse_peft.hotswap import BASE, AdapterSwitcher
 CONFIGS = {
     "sparse_delta": lambda seed: SparseDeltaConfig(target_modules="all-linear", density=0.2, init_weights=False,
                                                    seed=seed),
+    "sparse_delta_blocks": lambda seed: SparseDeltaConfig(target_modules="all-linear", density=0.2, block_size=16,
+                                                          init_weights=False, seed=seed),
     "s2ft": lambda seed: S2FTConfig(r=4, init_weights=False, seed=seed),
     "sora": lambda seed: SoraConfig(target_modules="all-linear", r=4, init_weights=False),
 }
@@ -31,7 +33,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["sparse_delta", "s2ft"])
+@pytest.mark.parametrize("kind", ["sparse_delta", "sparse_delta_blocks", "s2ft"])
 def test_the_plan_writes_exactly_what_peft_merge_writes(kind, dtype):
     reference, model = _model(kind, dtype), _model(kind, dtype)
     base = _weights(model)
@@ -48,6 +50,11 @@ def test_the_plan_writes_exactly_what_peft_merge_writes(kind, dtype):
         expected, got = _weights(reference), _weights(model)
         assert all(torch.equal(got[n], expected[n]) for n in expected), name
     assert switcher._plans["first"] is not None  # the fast path ran
+    run_writes = [w for e in switcher._plans["first"] for w in e.writes if w.target.dim() == 2]
+    if kind != "sparse_delta":  # whole aligned runs (blocks; S2FT's head columns) are copied as rows of 16
+        assert run_writes
+    if kind == "sparse_delta_blocks":
+        assert all(len(e.writes) == 1 for e in switcher._plans["first"])
     model.unmerge_adapter()  # PEFT's own unmerge after a planned switch restores the base bit for bit
     assert all(torch.equal(p, base[n]) for n, p in _weights(model).items())
 

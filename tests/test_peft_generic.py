@@ -25,6 +25,7 @@ TEST_CASES = [
     ("MLP lin0 density", "MLP", SparseDeltaConfig, {"target_modules": "lin0", "density": 0.5}),
     ("MLP lin0 r", "MLP", SparseDeltaConfig, {"target_modules": ["lin0"], "r": 1}),
     ("MLP both unfused", "MLP", SparseDeltaConfig, {"target_modules": ["lin0", "lin1"], "density": 0.3, "fused": False}),
+    ("MLP lin0 blocks", "MLP", SparseDeltaConfig, {"target_modules": ["lin0"], "density": 0.5, "block_size": 4}),
     ("MLP lin1 magnitude", "MLP", SparseDeltaConfig, {"target_modules": ["lin1"], "density": 0.5, "selection": "magnitude"}),
     ("MLP modules_to_save", "MLP", SparseDeltaConfig, {"target_modules": ["lin0"], "density": 0.2, "modules_to_save": ["lin1"]}),
     ("EmbConv1D conv1d", "EmbConv1D", SparseDeltaConfig, {"target_modules": ["conv1d"], "density": 0.6}),

@@ -43,6 +43,10 @@ class TestSparseDeltaContract(TunerContract):
             "gradient-calibrated", partial(sparse_delta, density=0.05, selection="gradient"), exact_unmerge=True,
             prepare=calibrate,
         ),
+        TunerCase(
+            "blocks-gradient", partial(sparse_delta, density=0.1, selection="gradient", block_size=8),
+            exact_unmerge=True, prepare=calibrate,
+        ),
     ]
 
 

@@ -215,3 +215,26 @@ def test_spmm_structure_cache_follows_in_place_changes_of_the_support():
     torch.testing.assert_close(torch_ops.spmm(x, values, indices, shape, True), dense(indices))
     indices.copy_(torch.tensor([1, 2, 8, 20, 25], dtype=torch.int32))
     torch.testing.assert_close(torch_ops.spmm(x, values, indices, shape, True), dense(indices))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_runs_of_16_take_the_row_path_with_the_same_results(dtype):
+    """A support of whole aligned runs of 16 (block-structured deltas) is read and written as rows of a (-1, 16)
+    view; results equal the entry-wise ops bit for bit, and a support changed in place is looked at again."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 64, generator=gen).to(dtype)
+    runs = torch.tensor([1, 4, 5, 30])
+    indices = (runs[:, None] * 16 + torch.arange(16)).reshape(-1).to(torch.int32)
+    values = torch.randn(indices.numel(), generator=gen)
+    assert torch.equal(torch_ops._whole_runs(indices, weight), runs)
+    flat = weight.reshape(-1)
+    assert torch.equal(torch_ops.gather(weight, indices), flat[indices.long()])
+    expected = flat.clone()
+    expected[indices.long()] = (flat[indices.long()].float() + 0.5 * values).to(dtype)
+    assert torch.equal(torch_ops.scatter_add_(weight.clone(), indices, values, alpha=0.5).reshape(-1), expected)
+    restored = torch_ops.scatter_(weight.clone(), indices, torch.zeros(indices.numel())).reshape(-1)
+    assert torch.equal(restored[indices.long()], torch.zeros(indices.numel(), dtype=dtype))
+    indices[15] += 1  # still sorted and unique, no longer whole runs: the cached runs must not be reused
+    assert torch_ops._whole_runs(indices, weight) is None
+    assert torch.equal(torch_ops.gather(weight, indices), flat[indices.long()])
+    assert torch_ops._whole_runs(indices[1:17], weight) is None  # not aligned

@@ -11,18 +11,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..indices import expand_blocks
+
 
 def module_seed(seed: int, module_key: str) -> int:
     """A per-module seed that does not depend on the order modules are visited in."""
     return (seed * 1_000_003 + zlib.crc32(module_key.encode())) % (2**63 - 1)
 
 
-def random_indices(numel: int, k: int, seed: int) -> torch.Tensor:
-    """k distinct sorted flat indices drawn uniformly, reproducible from ``seed``.
+def random_indices(numel: int, k: int, seed: int, block_size: int = 1) -> torch.Tensor:
+    """k distinct sorted flat indices drawn uniformly, reproducible from ``seed``; with ``block_size`` > 1, k //
+    block_size aligned blocks of consecutive entries (k a multiple of ``block_size``).
 
     For small k it draws with replacement and keeps a random k of the distinct draws (O(k log k)) instead of
     permuting all ``numel`` entries, which dominated adapter creation and loading time on large layers.
     """
+    if block_size > 1:
+        return expand_blocks(random_indices(numel // block_size, k // block_size, seed), block_size)
     gen = torch.Generator().manual_seed(seed)
     if 4 * k > numel:
         return torch.randperm(numel, generator=gen)[:k].sort().values
@@ -32,21 +37,28 @@ def random_indices(numel: int, k: int, seed: int) -> torch.Tensor:
     return draws[torch.randperm(draws.numel(), generator=gen)[:k]].sort().values
 
 
-def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted flat indices of the k largest scores (ties broken by position, so the choice is deterministic)."""
+def top_k_indices(scores: torch.Tensor, k: int, block_size: int = 1) -> torch.Tensor:
+    """Sorted flat indices of the k largest scores (ties broken by position, so the choice is deterministic).
+
+    With ``block_size`` > 1: the k // block_size aligned blocks of largest summed score; a block holding a negative
+    score (an excluded entry) ranks below every other."""
     flat = scores.reshape(-1).float()
+    if block_size > 1:
+        blocks = flat[: flat.numel() // block_size * block_size].view(-1, block_size)
+        pooled = torch.where((blocks < 0).any(1), -1.0, blocks.sum(1))
+        return expand_blocks(top_k_indices(pooled, k // block_size), block_size)
     return torch.topk(flat, k, sorted=False).indices.sort().values
 
 
-def initial_indices(layer: Any, k: int, selection: str, seed: int) -> torch.Tensor:
+def initial_indices(layer: Any, k: int, selection: str, seed: int, block_size: int = 1) -> torch.Tensor:
     """Indices chosen at creation time for a sparse-delta layer. Data-driven selections (``gradient``, ``snip``)
     start on the first k entries, a placeholder that costs nothing to make: calibration replaces it, and training
     refuses to start before (values are zero, so the placeholder never changes an output)."""
     if selection == "magnitude":
-        return top_k_indices(layer.dense_weight().abs(), k).cpu()
+        return top_k_indices(layer.dense_weight().abs(), k, block_size).cpu()
     if selection in ("gradient", "snip"):
         return torch.arange(k)
-    return random_indices(layer.numel, k, seed)
+    return random_indices(layer.numel, k, seed, block_size)
 
 
 def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:

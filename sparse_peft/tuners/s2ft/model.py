@@ -171,14 +171,16 @@ class S2FTModel(SparseDeltaModel):
 
     # ---------------------------------------------------------- saving / loading
     @classmethod
-    def _encode_support(cls, key: str, support: torch.Tensor) -> tuple[str, torch.Tensor]:
-        return key, support  # channel ids: a few ints, stored as they are
+    def _encode_support(
+        cls, key: str, support: torch.Tensor, block_size: int = 1
+    ) -> tuple[str, torch.Tensor, torch.Tensor]:
+        return key, support, support  # channel ids: a few ints, stored (and checksummed) as they are
 
     @classmethod
-    def _decode_support(cls, parts: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+    def _decode_support(cls, parts: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, int]:
         if cls.support_name not in parts:
             raise InvalidSparseIndicesError(f"{where}: the adapter file has no channel ids for this module.")
-        return parts[cls.support_name]
+        return parts[cls.support_name], 1
 
     @classmethod
     def _check_record(cls, layer: S2FTLinear, record: ModuleRecord, where: str) -> torch.Tensor:  # type: ignore[override]

@@ -28,10 +28,11 @@ class ModuleRecord:
     """One module's saved tensors, in checkpoint form (keys without the adapter name)."""
 
     key: str  # checkpoint key of the module, e.g. "base_model.model.model.layers.0.mlp.down_proj"
-    support: torch.Tensor  # flat indices (SPARSE_DELTA) or channel ids (S2FT)
+    support: torch.Tensor  # flat indices or, block-coded, block ids (SPARSE_DELTA); channel ids (S2FT)
     values: torch.Tensor
     header: torch.Tensor | None  # integrity header (shape + checksums); None in files written before headers
     stored: dict[str, torch.Tensor] = field(default_factory=dict)  # the module's tensors as read from the file
+    block_size: int = 1  # > 1: ``support`` holds the ids of aligned blocks of this many entries
     checked: torch.Tensor | None = None  # the support in canonical form once checked against its layer
 
     def same_tensors(self, stored: dict[str, torch.Tensor]) -> bool:

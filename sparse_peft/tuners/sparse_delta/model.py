@@ -13,12 +13,14 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ...index_codec import decode_indices, encode_indices
+from ...index_codec import block_ids, decode_blocks, decode_indices, encode_blocks, encode_indices
 from ...indices import (
     InvalidSparseIndicesError,
     check_checksums,
     check_header_shape,
     check_values,
+    expand_blocks,
+    index_dtype,
     integrity_header,
     validate_indices,
 )
@@ -104,7 +106,11 @@ class SparseDeltaModel(BaseTuner):
         elif loaded is not None:
             indices, values = loaded.checked, loaded.values.clone()  # the record keeps the file's tensors
         else:
-            indices = initial_indices(layer, config.budget(rows, cols), config.selection, seed)
+            try:
+                k = config.budget(rows, cols)
+            except ValueError as err:
+                raise ValueError(f"{err} (module {current_key!r})") from err
+            indices = initial_indices(layer, k, config.selection, seed, config.block_size)
         layer.update_layer(
             adapter_name,
             indices,
@@ -155,30 +161,52 @@ class SparseDeltaModel(BaseTuner):
 
     # ---------------------------------------------------------- saving / loading
     @classmethod
-    def _encode_support(cls, key: str, support: torch.Tensor) -> tuple[str, torch.Tensor]:
-        """Indices go to the file as LEB128-coded gaps (``sparse_delta_codes``): ~1.3 instead of 4 bytes each."""
-        return key.replace(".sparse_delta_indices", ".sparse_delta_codes"), encode_indices(support)
+    def _encode_support(
+        cls, key: str, support: torch.Tensor, block_size: int = 1
+    ) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """(file key, stored tensor, the tensor the header checksums). Indices go to the file as LEB128-coded gaps
+        (``sparse_delta_codes``): ~1.3 instead of 4 bytes each; a support of whole aligned blocks as its block ids
+        (``sparse_delta_block_codes``, ~1 byte per block), which the header then checksums and a load checks
+        without expanding them first."""
+        ids = block_ids(support, block_size)
+        if ids is not None:
+            key = key.replace(".sparse_delta_indices", ".sparse_delta_block_codes")
+            return key, encode_blocks(ids, block_size), ids
+        return key.replace(".sparse_delta_indices", ".sparse_delta_codes"), encode_indices(support), support
 
     @classmethod
-    def _decode_support(cls, parts: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+    def _decode_support(cls, parts: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, int]:
+        """(support, block size): flat indices (block size 1) or the ids of aligned blocks."""
+        if "sparse_delta_block_codes" in parts:
+            return decode_blocks(parts["sparse_delta_block_codes"], where)
         if "sparse_delta_codes" in parts:
-            return decode_indices(parts["sparse_delta_codes"], where)
+            return decode_indices(parts["sparse_delta_codes"], where), 1
         if "sparse_delta_indices" in parts:  # plain int files
-            return parts["sparse_delta_indices"]
+            return parts["sparse_delta_indices"], 1
         raise InvalidSparseIndicesError(f"{where}: the adapter file has no indices for this module.")
 
     @classmethod
     def _check_record(cls, layer: SparseDeltaLayer, record: ModuleRecord, where: str) -> torch.Tensor:
         """Every check of one module's saved delta against its layer (shape, values, indices, checksums); returns
-        the indices in their canonical dtype. Files written before headers existed get all but shape and checksums."""
+        the indices in their canonical dtype. Files written before headers existed get all but shape and checksums.
+        A block-coded support is checked as block ids (sorted, unique, in range: so are the entries they expand
+        to), one per block."""
         shape = layer.storage_shape
+        numel, block = shape[0] * shape[1], record.block_size
         if record.header is not None:
             check_header_shape(record.header, shape, where)
         check_values(record.values, where)
-        indices = validate_indices(record.support, shape[0] * shape[1], values=record.values, where=where)
+        if block > 1 and record.values.numel() != record.support.numel() * block:
+            raise InvalidSparseIndicesError(
+                f"{where}: {record.support.numel()} blocks of {block} entries but {record.values.numel()} values."
+            )
+        values = record.values if block == 1 else None  # blocks: counts compared above
+        indices = validate_indices(record.support, numel // block, values=values, where=where,
+                                   kind="indices" if block == 1 else f"block ids (blocks of {block})",
+                                   unit="entries" if block == 1 else "blocks")  # fmt: skip
         if record.header is not None:  # on the decoded int64 form the checksum was made of (no int32 round trip)
             check_checksums(record.header, record.support, record.values, where)
-        return indices
+        return indices if block == 1 else expand_blocks(record.support, block, index_dtype(numel))
 
     @classmethod
     def _apply_support(cls, layer: SparseDeltaLayer, adapter_name: str, support: torch.Tensor,
@@ -201,7 +229,7 @@ class SparseDeltaModel(BaseTuner):
             module_key, _, kind = key.rpartition(".")
             if kind.startswith(cls.prefix):
                 parts.setdefault(module_key, {})[kind] = tensor
-        known = {cls.support_name, cls.values_name, header_name, "sparse_delta_codes"}
+        known = {cls.support_name, cls.values_name, header_name, "sparse_delta_codes", "sparse_delta_block_codes"}
         records = {}
         for module_key, found in parts.items():
             module_where = f"{where}, module '{module_key.removeprefix(PEFT_PREFIX)}'"
@@ -216,8 +244,9 @@ class SparseDeltaModel(BaseTuner):
             if previous is not None and previous.same_tensors(found):
                 records[previous.module] = previous
                 continue
-            support = cls._decode_support(found, module_where)
-            record = ModuleRecord(module_key, support, found[cls.values_name], found.get(header_name), found)
+            support, block_size = cls._decode_support(found, module_where)
+            record = ModuleRecord(module_key, support, found[cls.values_name], found.get(header_name), found,
+                                  block_size=block_size)
             records[record.module] = record
         return records
 
@@ -282,10 +311,10 @@ class SparseDeltaModel(BaseTuner):
                 if isinstance(values, DTensor):
                     compact[key] = value
                     continue
+                key, value, checksummed = cls._encode_support(key, value, getattr(config, "block_size", 1))
                 if layer is not None and values is not None:
-                    header = integrity_header(layer.storage_shape, value, values)
+                    header = integrity_header(layer.storage_shape, checksummed, values)
                     compact[f"{module_key}.{cls.prefix}header.{adapter}"] = header
-                key, value = cls._encode_support(key, value)
             compact[key] = value
         return compact
 
