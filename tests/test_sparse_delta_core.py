@@ -504,3 +504,21 @@ def test_fused_training_under_torch_compile_matches_eager_and_leaves_the_base_we
     assert eager[1] and compiled[1]
     assert compiled[0] == pytest.approx(eager[0], rel=1e-6)
     assert eager[0][-1] < eager[0][0]  # it trained
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_inference_picks_the_cheaper_unmerged_path_and_matches_the_merged_model(tokens):
+    """Without autograd a few tokens (generation's one per step) run the base product plus the delta's own product,
+    many tokens the transient fused copy; both never write the weight and equal the merged model's output."""
+    model = get_peft_model(
+        tiny_llama(), SparseDeltaConfig(target_modules="all-linear", density=0.05, init_weights=False)
+    ).eval()
+    x = torch.arange(tokens).view(1, tokens) % 64
+    layer = next(iter(named_sparse_layers(model).values()))
+    hidden = torch.zeros(1, tokens, layer.in_features)
+    assert layer._few_tokens("default", hidden) == (tokens == 1)
+    base = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+    unmerged = logits(model, x)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    model.merge_adapter()
+    torch.testing.assert_close(unmerged, logits(model, x), rtol=1e-5, atol=1e-5)
