@@ -4,12 +4,11 @@ For sparse adapters (SPARSE_DELTA, S2FT) a switch is an O(nnz) scatter that writ
 (bit-exact) and the next adapter's merged entries in. A per-adapter switch plan (the base entries under the
 adapter and those entries with the delta added, computed once with the merge's own arithmetic) turns each switch into
 two index copies per weight, with no per-module PEFT bookkeeping: memory speed. Entries that fill aligned runs of
-16 (``SparseDeltaConfig(block_size=16)``, S2FT's head columns) are copied as whole runs, so a switch touches only
-the cache lines it changes. The weight tensors are updated in
-place, so the
-:meth:`AdapterSwitcher.serving_model` (the bare architecture sharing those tensors) can be ``torch.compile``d once
-and never recompiles on a switch. The same calls work for any PEFT adapter
-that can merge (LoRA, SoRA, group-sparse LoRA), at their own cost. One lock serialises every state change and
+16 (``SparseDeltaConfig(block_size=16)``, S2FT's head columns) are copied as whole rows of a ``(-1, 16)`` view of
+the weight, one index per run, so a switch touches only the cache lines it changes. The weight tensors are updated
+in place, so the :meth:`AdapterSwitcher.serving_model` (the bare architecture sharing those tensors) can be
+``torch.compile``d once and never recompiles on a switch. The same calls work for any PEFT adapter that can merge
+(LoRA, SoRA, group-sparse LoRA), at their own cost. One lock serialises every state change and
 the forward passes that depend on it, so concurrent callers never run on another caller's adapter.
 """
 
@@ -28,15 +27,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from . import triton_ops
+from .triton_ops.torch_ops import RUN
 from .tuners.sparse_delta.layer import SparseDeltaLayer
 
 BASE = "base"
 """Name that selects the bare base model (no adapter)."""
-
-
-_RUN = 16
-"""Entries that fill aligned runs of this many (16 fp32: one 64-byte cache line), as block-structured supports and
-S2FT's head rows do, are written as whole rows of a ``(-1, _RUN)`` view of the weight: one index per run."""
 
 
 @dataclass(frozen=True)
@@ -65,22 +60,22 @@ class _Entry:
 
 def _writes(flat: torch.Tensor, indices: torch.Tensor, originals: torch.Tensor,
             merged: torch.Tensor) -> tuple[_Write, ...]:  # fmt: skip
-    """Split a weight's entries into whole aligned runs of ``_RUN`` (one row of the ``(-1, _RUN)`` view each) and
+    """Split a weight's entries into whole aligned runs of ``RUN`` (one row of the ``(-1, RUN)`` view each) and
     the rest. A support made only of runs (or only of single entries) is written from views of the plan's tensors;
     a mixed one keeps each part as its own copy."""
-    if flat.numel() % _RUN or indices.numel() < _RUN:
+    if flat.numel() % RUN or indices.numel() < RUN:
         return (_Write(flat, indices, originals, merged),)
-    run_ids, counts = torch.unique_consecutive(indices // _RUN, return_counts=True)
-    whole = counts == _RUN  # sorted unique indices: a run with _RUN entries is the whole aligned run
+    run_ids, counts = torch.unique_consecutive(indices // RUN, return_counts=True)
+    whole = counts == RUN  # sorted unique indices: a run with RUN entries is the whole aligned run
     if not bool(whole.any()):
         return (_Write(flat, indices, originals, merged),)
-    rows = flat.view(-1, _RUN)
+    rows = flat.view(-1, RUN)
     if bool(whole.all()):
-        return (_Write(rows, run_ids, originals.view(-1, _RUN), merged.view(-1, _RUN)),)
+        return (_Write(rows, run_ids, originals.view(-1, RUN), merged.view(-1, RUN)),)
     in_run = torch.repeat_interleave(whole, counts)
     rest = ~in_run
     return (
-        _Write(rows, run_ids[whole], originals[in_run].view(-1, _RUN), merged[in_run].view(-1, _RUN)),
+        _Write(rows, run_ids[whole], originals[in_run].view(-1, RUN), merged[in_run].view(-1, RUN)),
         _Write(flat, indices[rest], originals[rest], merged[rest]),
     )
 

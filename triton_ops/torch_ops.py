@@ -22,9 +22,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-_RUN = 16
+RUN = 16
 """A support made only of whole aligned runs of this many entries (16 fp32: one 64-byte cache line; block-structured
-sparse deltas) is read and written as rows of a ``(-1, _RUN)`` view: one index per run, only the lines it changes."""
+sparse deltas) is read and written as rows of a ``(-1, RUN)`` view: one index per run, only the lines it
+changes."""
 
 _CACHE: dict[tuple[int, str], tuple[weakref.ref, int, Any, Any]] = {}
 """(id(indices), kind) -> (the indices, their version, key, what was derived from them). A support changes far less
@@ -50,17 +51,17 @@ def _derived(indices: torch.Tensor, kind: str, key: Any, make: Callable[[], Any]
 
 
 def _whole_runs(indices: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-    """The ids of the aligned runs of ``_RUN`` that sorted unique ``indices`` consist of exactly, or None."""
-    if target.numel() % _RUN or not target.is_contiguous() or indices.numel() % _RUN or not indices.numel():
+    """The ids of the aligned runs of ``RUN`` that sorted unique ``indices`` consist of exactly, or None."""
+    if target.numel() % RUN or not target.is_contiguous() or indices.numel() % RUN or not indices.numel():
         return None
 
     def runs() -> torch.Tensor | None:
-        # sorted unique indices (every support is): a row of _RUN spanning _RUN - 1 from an aligned start is a run
-        rows = indices.view(-1, _RUN)
+        # sorted unique indices (every support is): a row of RUN spanning RUN - 1 from an aligned start is a run
+        rows = indices.view(-1, RUN)
         starts = rows[:, 0]
-        if bool((starts % _RUN).any()) or bool((rows[:, -1] - starts != _RUN - 1).any()):
+        if bool((starts % RUN).any()) or bool((rows[:, -1] - starts != RUN - 1).any()):
             return None
-        return starts.div(_RUN, rounding_mode="floor").long()
+        return starts.div(RUN, rounding_mode="floor").long()
 
     return _derived(indices, "runs", None, runs)
 
@@ -69,7 +70,7 @@ def gather(target: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Return ``target.flatten()[indices]`` (a copy of k entries); ``index_select`` is ~3x faster than indexing."""
     runs = _whole_runs(indices, target)
     if runs is not None:
-        return target.view(-1, _RUN).index_select(0, runs).view(-1)
+        return target.view(-1, RUN).index_select(0, runs).view(-1)
     return target.reshape(-1).index_select(0, indices)
 
 
@@ -77,7 +78,7 @@ def scatter_(target: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) 
     """In place ``target.flatten()[indices] = values``; used for bit-exact restores."""
     runs = _whole_runs(indices, target)
     if runs is not None:
-        target.view(-1, _RUN).index_copy_(0, runs, values.to(target.dtype).view(-1, _RUN))
+        target.view(-1, RUN).index_copy_(0, runs, values.to(target.dtype).view(-1, RUN))
         return target
     flat = target.view(-1) if target.is_contiguous() else target.flatten()
     flat.index_copy_(0, indices.long(), values.to(target.dtype))
@@ -97,7 +98,7 @@ def scatter_add_(
     if compute == target.dtype and target.is_contiguous():
         runs = _whole_runs(indices, target)
         if runs is not None:
-            target.view(-1, _RUN).index_add_(0, runs, values.to(compute).view(-1, _RUN), alpha=alpha)
+            target.view(-1, RUN).index_add_(0, runs, values.to(compute).view(-1, RUN), alpha=alpha)
         else:
             target.view(-1).index_add_(0, indices, values.to(compute), alpha=alpha)
         return target
