@@ -13,8 +13,10 @@ the first step (``test_zero3_refuses_...``). ``fsdp`` is the ``fsdp=`` check on 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,12 +34,21 @@ MODES = ["ddp", "fsdp_cpu", "fsdp_cpu_launch", "zero2_cpu", "zero3_cpu",
 
 @pytest.fixture(scope="module", params=MODES)
 def runs(request, tmp_path_factory) -> tuple[str, Path]:
-    out = tmp_path_factory.mktemp(request.param)
+    """The mode's two-process job, run once per module. A worker that dies of a signal gets one more try in a fresh
+    folder (a segfault of rank 0 in the ``fsdp_cpu_launch`` job was seen once in CI and not in 8 runs after it), so
+    such a crash fails the tests only when it repeats; every other failure fails at once."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launcher = (["-m", "accelerate.commands.launch", *LAUNCH] if request.param == "fsdp_cpu_launch"
                 else ["-m", "torch.distributed.run", "--nproc_per_node", "2"])
-    cmd = [sys.executable, *launcher, str(ROOT / "tests/distributed/trainer_parity_worker.py"), str(out), request.param]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    worker = str(ROOT / "tests/distributed/trainer_parity_worker.py")
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp(request.param)
+        cmd = [sys.executable, *launcher, worker, str(out), request.param]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        if done.returncode == 0 or attempt == 2 or not re.search(r"exitcode: -\d+", done.stderr):
+            break
+        warnings.warn(f"{request.param}: a worker died of a signal; running the job once more:\n{done.stderr[-2000:]}",
+                      stacklevel=2)
     assert done.returncode == 0, done.stderr[-4000:]
     return request.param, out
 
