@@ -30,6 +30,7 @@ def files(tmp_path_factory):
     "kind, method, data, extra",
     [
         ("sft", "sparse_delta", "sft.jsonl", ["--density", "0.05", "--reselect-every", "2"]),
+        ("sft", "sparse_delta", "sft.jsonl", ["--r", "2", "--block-size", "16", "--selection", "magnitude"]),
         ("sft", "s2ft", "sft.csv", ["--r", "2"]),
         ("dpo", "sora", "pairs.parquet", ["--r", "4", "--sparse-lambda", "0.5"]),
         ("sparsepo", "group_sparse_lora", "pairs.parquet", ["--mask-type", "learned", "--mask-l1", "0.1"]),
@@ -43,6 +44,9 @@ def test_train_writes_a_loadable_adapter(files, tmp_path, capsys, kind, method, 
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "trainable params" in printed and "peak memory" in printed
+    if "--block-size" in extra:  # the flag reaches the saved config
+        size = int(extra[extra.index("--block-size") + 1])
+        assert json.loads((out / "adapter_config.json").read_text())["block_size"] == size
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["steps"] == 3 and 0 < summary["trainable_params"] < summary["total_params"]
     assert torch.isfinite(torch.tensor(summary["final_loss"]))
@@ -68,6 +72,8 @@ def test_train_writes_a_loadable_adapter(files, tmp_path, capsys, kind, method, 
         ),
         (["train", "sft", "--method", "sora", "--selection", "magnitude"], "--selection magnitude"),
         (["train", "sft", "--r", "4", "--density", "0.1"], "not both"),
+        (["train", "sft", "--method", "sora", "--block-size", "16"], "--block-size applies to --method sparse_delta"),
+        (["train", "sft", "--block-size", "16", "--reselect-every", "2"], "use `block_size=1`"),
         (["train", "sft", "--data", "missing.jsonl"], "no such file"),
         (["train", "dpo", "--data", "{sft}"], "'chosen' and 'rejected'"),
         (["train", "sft", "--data", "{pairs}"], "'text', 'messages'"),
