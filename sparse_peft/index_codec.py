@@ -64,19 +64,6 @@ def decode_indices(code: torch.Tensor, where: str = "sparse delta") -> torch.Ten
     return indices
 
 
-def block_ids(indices: torch.Tensor, block_size: int) -> torch.Tensor | None:
-    """The ids ``b`` of the aligned blocks ``[b * block_size, (b + 1) * block_size)`` that sorted unique ``indices``
-    (every support) consist of exactly, or None when they are not whole aligned blocks."""
-    idx = indices.detach().to("cpu", torch.int64)
-    if block_size < 2 or idx.numel() % block_size or not idx.numel():
-        return None
-    blocks = idx.view(-1, block_size)
-    starts = blocks[:, 0]  # sorted unique: a block spanning block_size - 1 from an aligned start is whole
-    if bool((starts % block_size).any()) or bool((blocks[:, -1] - starts != block_size - 1).any()):
-        return None
-    return starts // block_size
-
-
 def encode_blocks(ids: torch.Tensor, block_size: int) -> torch.Tensor:
     """One code for a support of whole aligned blocks: the block size, then the block ids, as the increasing
     sequence ``block_size, block_size + 1 + id_0, block_size + 1 + id_1, ...`` in :func:`encode_indices`' code."""

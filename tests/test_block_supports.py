@@ -9,9 +9,10 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from sparse_peft.triton_ops.torch_ops import aligned_run_ids
 
 from sparse_peft import SparseDeltaConfig, SparseMask, select_masks
-from sparse_peft.index_codec import block_ids, decode_blocks, encode_blocks, encode_indices
+from sparse_peft.index_codec import decode_blocks, encode_blocks, encode_indices
 from sparse_peft.indices import InvalidSparseIndicesError
 from sparse_peft.masks import sparse_delta_layers
 from sparse_peft.selection import select_from_changes
@@ -21,7 +22,7 @@ BLOCK = 16
 
 
 def _blocks_of(indices: torch.Tensor, block_size: int = BLOCK) -> torch.Tensor:
-    ids = block_ids(indices, block_size)
+    ids = aligned_run_ids(indices, block_size)
     assert ids is not None, "the support is not made of whole aligned blocks"
     return ids
 
@@ -111,8 +112,8 @@ def test_block_code_round_trip_and_fallback():
     assert torch.equal(_blocks_of(indices), ids)
     assert decode_blocks(encode_blocks(ids, BLOCK))[1] == BLOCK
     assert torch.equal(decode_blocks(encode_blocks(ids, BLOCK))[0], ids)
-    assert block_ids(indices[1:], BLOCK) is None  # not whole blocks
-    assert block_ids(indices + 1, BLOCK) is None  # not aligned
+    assert aligned_run_ids(indices[1:], BLOCK) is None  # not whole blocks
+    assert aligned_run_ids(indices + 1, BLOCK) is None  # not aligned
     assert encode_blocks(ids, BLOCK).numel() < encode_indices(indices).numel() / 8
 
 

@@ -50,20 +50,24 @@ def _derived(indices: torch.Tensor, kind: str, key: Any, make: Callable[[], Any]
     return value
 
 
-def _whole_runs(indices: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-    """The ids of the aligned runs of ``RUN`` that sorted unique ``indices`` consist of exactly, or None."""
-    if target.numel() % RUN or not target.is_contiguous() or indices.numel() % RUN or not indices.numel():
+def aligned_run_ids(indices: torch.Tensor, width: int) -> torch.Tensor | None:
+    """The ids ``b`` of the aligned runs ``[b * width, (b + 1) * width)`` that sorted unique ``indices`` (every
+    support) consist of exactly, or None when they are not whole aligned runs."""
+    if width < 2 or not indices.numel() or indices.numel() % width:
         return None
+    rows = indices.view(-1, width)
+    starts = rows[:, 0]  # sorted unique: a row spanning width - 1 from an aligned start is a whole run
+    if bool((starts % width).any()) or bool((rows[:, -1] - starts != width - 1).any()):
+        return None
+    return starts.div(width, rounding_mode="floor").long()
 
-    def runs() -> torch.Tensor | None:
-        # sorted unique indices (every support is): a row of RUN spanning RUN - 1 from an aligned start is a run
-        rows = indices.view(-1, RUN)
-        starts = rows[:, 0]
-        if bool((starts % RUN).any()) or bool((rows[:, -1] - starts != RUN - 1).any()):
-            return None
-        return starts.div(RUN, rounding_mode="floor").long()
 
-    return _derived(indices, "runs", None, runs)
+def _whole_runs(indices: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """:func:`aligned_run_ids` of ``RUN`` for ``indices``, derived once per tensor and version; None also when
+    ``target`` has no ``(-1, RUN)`` view."""
+    if target.numel() % RUN or not target.is_contiguous():
+        return None
+    return _derived(indices, "runs", None, lambda: aligned_run_ids(indices, RUN))
 
 
 def gather(target: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

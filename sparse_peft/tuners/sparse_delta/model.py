@@ -13,7 +13,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ...index_codec import block_ids, decode_blocks, decode_indices, encode_blocks, encode_indices
+from ...index_codec import decode_blocks, decode_indices, encode_blocks, encode_indices
 from ...indices import (
     InvalidSparseIndicesError,
     check_checksums,
@@ -24,6 +24,7 @@ from ...indices import (
     integrity_header,
     validate_indices,
 )
+from ...triton_ops.torch_ops import aligned_run_ids
 from .._base_layers import check_supported, stores_in_out
 from .._mixed_batch import adapter_names_hooks
 from .._support import initial_indices, module_seed
@@ -168,7 +169,7 @@ class SparseDeltaModel(BaseTuner):
         (``sparse_delta_codes``): ~1.3 instead of 4 bytes each; a support of whole aligned blocks as its block ids
         (``sparse_delta_block_codes``, ~1 byte per block), which the header then checksums and a load checks
         without expanding them first."""
-        ids = block_ids(support, block_size)
+        ids = aligned_run_ids(support.detach(), block_size)
         if ids is not None:
             key = key.replace(".sparse_delta_indices", ".sparse_delta_block_codes")
             return key, encode_blocks(ids, block_size), ids
@@ -196,14 +197,15 @@ class SparseDeltaModel(BaseTuner):
         if record.header is not None:
             check_header_shape(record.header, shape, where)
         check_values(record.values, where)
-        if block > 1 and record.values.numel() != record.support.numel() * block:
+        if block == 1:
+            indices = validate_indices(record.support, numel, values=record.values, where=where)
+        elif record.values.numel() != record.support.numel() * block:
             raise InvalidSparseIndicesError(
                 f"{where}: {record.support.numel()} blocks of {block} entries but {record.values.numel()} values."
             )
-        values = record.values if block == 1 else None  # blocks: counts compared above
-        indices = validate_indices(record.support, numel // block, values=values, where=where,
-                                   kind="indices" if block == 1 else f"block ids (blocks of {block})",
-                                   unit="entries" if block == 1 else "blocks")  # fmt: skip
+        else:
+            validate_indices(record.support, numel // block, where=where, kind=f"block ids (blocks of {block})",
+                             unit="blocks")  # fmt: skip
         if record.header is not None:  # on the decoded int64 form the checksum was made of (no int32 round trip)
             check_checksums(record.header, record.support, record.values, where)
         return indices if block == 1 else expand_blocks(record.support, block, index_dtype(numel))
